@@ -1,0 +1,138 @@
+"""Where every stage reads and writes, and the stage graph that both Prefect and DVC follow.
+
+`dvc.yaml` declares the same stages with the same deps, params and outs (a test keeps the two
+equal), each calling `rlhf stage NAME`, the entry point the Prefect tasks call too.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import BaseModel
+
+PATHS = {
+    "corpus": "data/world/corpus.jsonl",
+    "prompts": "data/world/prompts.jsonl",
+    "base": "models/base",
+    "demonstrations": "data/sft/demonstrations.jsonl",
+    "sft": "models/sft",
+    "samples": "data/samples/samples.jsonl",
+    "preferences": "data/preferences/pairs.jsonl",
+    "validation": "data/preferences/validation.json",
+    "reward": "models/reward",
+    "policy": "models/policy",
+    "completions": "data/eval/completions.jsonl",
+    "eval_metrics": "data/eval/metrics.json",
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    params: tuple[str, ...]  # top-level config keys the stage reads
+    deps: tuple[str, ...]  # keys of PATHS it reads
+    outs: tuple[str, ...]  # keys of PATHS it writes
+    metrics: tuple[str, ...] = ()  # outputs that are small metric files, kept in git rather than the DVC cache
+
+
+STAGES = (
+    Stage("world", ("seed", "world"), (), ("corpus", "prompts")),
+    Stage("pretrain", ("seed", "base"), ("corpus",), ("base",)),
+    Stage("sft", ("seed", "sft", "base"), ("corpus", "base"), ("demonstrations", "sft")),
+    Stage("collect", ("seed", "collect", "sampling"), ("prompts", "sft"), ("samples",)),
+    Stage("label", ("seed", "annotators"), ("samples",), ("preferences",)),
+    Stage("validate", ("validation",), ("preferences",), (), ("validation",)),
+    Stage("reward", ("seed", "reward", "base"), ("preferences", "validation", "sft"), ("reward",)),
+    Stage("ppo", ("seed", "ppo", "sampling", "base"), ("prompts", "sft", "reward"), ("policy",)),
+    Stage("evaluate", ("seed", "eval", "sampling"), ("prompts", "sft", "reward", "policy"), ("completions",), ("eval_metrics",)),
+)
+STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def md5_file(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def content_hash(path: str | Path) -> str:
+    """md5 of a file (the same value DVC records for it) or of a folder's sorted listing of md5s."""
+    path = Path(path)
+    if path.is_file():
+        return md5_file(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no file or folder at {path}")
+    listing = [(str(p.relative_to(path)), md5_file(p)) for p in sorted(path.rglob("*")) if p.is_file()]
+    return hashlib.md5(json.dumps(listing).encode()).hexdigest() + ".dir"
+
+
+class Artifact(BaseModel):
+    """A dataset or model a stage produced: where it is and what it contained."""
+
+    name: str
+    path: str
+    md5: str
+
+    @classmethod
+    def of(cls, root: str | Path, name: str) -> "Artifact":
+        path = Path(root) / PATHS[name]
+        return cls(name=name, path=str(path), md5=content_hash(path))
+
+    def intact(self) -> bool:
+        try:
+            return content_hash(self.path) == self.md5
+        except FileNotFoundError:
+            return False
+
+
+class StageResult(BaseModel):
+    stage: str
+    outputs: dict[str, Artifact]
+    metrics: dict[str, float] = {}
+    run_id: str | None = None
+    model_uri: str | None = None
+
+    def intact(self) -> bool:
+        return all(artifact.intact() for artifact in self.outputs.values())
+
+
+# Modules that record or publish results but never change what a stage computes.
+BOOKKEEPING_MODULES = {"tracking.py", "versioning.py", "promotion.py"}
+
+
+@functools.lru_cache(maxsize=1)
+def code_version() -> str:
+    """Hash of the library's source as loaded by this process: a change to any module that
+    computes results invalidates every cached stage (coarse, but never stale)."""
+    digest = hashlib.md5()
+    for source in sorted(Path(__file__).parent.glob("*.py")):
+        if source.name in BOOKKEEPING_MODULES:
+            continue
+        digest.update(source.name.encode())
+        digest.update(source.read_bytes())
+    return digest.hexdigest()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def write_jsonl(path: str | Path, rows) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+
+
+def write_json(path: str | Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

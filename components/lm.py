@@ -1,0 +1,187 @@
+"""Language-model plumbing every stage shares: tokenizer, model, log-probs and sampling.
+
+Batches put prompts left-padded to one width P and responses right-padded to one width R, so
+`sequence = [prompt | response]` and the logits at positions P-1 .. P+R-2 predict the response.
+Position ids are computed from the attention mask, so left padding does not shift positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+EOS = "<|endoftext|>"
+PAD = "<pad>"
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2's scheme) trained on `texts`."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, pad_token=PAD, padding_side="left"
+    )
+
+
+def build_model(tokenizer: PreTrainedTokenizerFast, n_layer: int, n_head: int, n_embd: int, max_length: int):
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=max_length,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_embd=n_embd,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def load_policy(path: str | Path):
+    """A causal LM and its tokenizer from a local folder (or a hub id, when online)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)
+    if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+        # a pad distinct from EOS: reward heads score the last non-pad token, which must be the EOS
+        tokenizer.add_special_tokens({"pad_token": PAD})
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def save_policy(model, tokenizer, path: str | Path) -> None:
+    model.save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
+
+
+def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log pi(token_t | ...) for each position, from logits aligned with `tokens`."""
+    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def response_logits(model, batch: "Rollout", temperature: float = 1.0) -> torch.Tensor:
+    """Logits predicting each response token, scaled by the sampling temperature."""
+    input_ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1)
+    attention_mask = torch.cat([batch.prompt_mask, batch.response_mask], dim=1)
+    logits = forward(model, input_ids, attention_mask).logits
+    width = batch.prompt_ids.shape[1]
+    return logits[:, width - 1 : -1] / temperature
+
+
+def response_logprobs(model, batch: "Rollout", temperature: float = 1.0) -> torch.Tensor:
+    return logprobs_of(response_logits(model, batch, temperature), batch.response_ids)
+
+
+@dataclass
+class Rollout:
+    """Prompts and sampled responses, padded as described in the module docstring."""
+
+    prompts: list[str]
+    prompt_ids: torch.Tensor  # (B, P) left-padded
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor  # (B, R) right-padded; includes the EOS token when one was sampled
+    response_mask: torch.Tensor
+    completions: list[str]
+    ended_with_eos: list[bool]
+
+    def select(self, index: torch.Tensor) -> "Rollout":
+        rows = index.tolist()
+        return Rollout(
+            [self.prompts[i] for i in rows],
+            self.prompt_ids[index],
+            self.prompt_mask[index],
+            self.response_ids[index],
+            self.response_mask[index],
+            [self.completions[i] for i in rows],
+            [self.ended_with_eos[i] for i in rows],
+        )
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def encode_responses(tokenizer, completions: list[str], ended_with_eos: list[bool]):
+    """Right-padded response ids; an EOS is appended where the response ended with one."""
+    rows = [
+        tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
+        for text, eos in zip(completions, ended_with_eos)
+    ]
+    width = max(1, max(len(r) for r in rows))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def make_rollout(tokenizer, prompts: list[str], completions: list[str], ended_with_eos: list[bool]) -> Rollout:
+    """Tokenise given text pairs into the rollout layout (for scoring stored completions)."""
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
+    response_ids, response_mask = encode_responses(tokenizer, completions, ended_with_eos)
+    return Rollout(prompts, prompt_ids, prompt_mask, response_ids, response_mask, completions, ended_with_eos)
+
+
+@torch.no_grad()
+def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float) -> Rollout:
+    """Sample one response per prompt with the KV cache; tokens after the first EOS are padding."""
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
+    room = model.config.n_positions - prompt_ids.shape[1] if hasattr(model.config, "n_positions") else max_new_tokens
+    output = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        do_sample=True,
+        temperature=temperature,
+        top_p=1.0,
+        top_k=0,
+        max_new_tokens=min(max_new_tokens, room),
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    response_ids = output[:, prompt_ids.shape[1] :]
+    is_eos = response_ids == tokenizer.eos_token_id
+    ended_with_eos = is_eos.any(dim=1)
+    first_eos = torch.where(ended_with_eos, is_eos.float().argmax(dim=1), response_ids.shape[1])
+    positions = torch.arange(response_ids.shape[1]).unsqueeze(0)
+    # keep the EOS token itself in the response: the policy is rewarded for choosing to stop
+    response_mask = (positions <= first_eos.unsqueeze(1)).long()
+    response_ids = response_ids.masked_fill(response_mask == 0, tokenizer.pad_token_id)
+    completions = tokenizer.batch_decode(response_ids.masked_fill(is_eos, tokenizer.pad_token_id), skip_special_tokens=True)
+    return Rollout(prompts, prompt_ids, prompt_mask, response_ids, response_mask, completions, ended_with_eos.tolist())
+
+
+def sample_many(model, tokenizer, prompts: list[str], sampling, seed: int) -> list[tuple[str, str, bool]]:
+    """(prompt, completion, ended_with_eos) for each prompt, in batches of `sampling.batch_size`."""
+    torch.manual_seed(seed)
+    model.eval()
+    rows = []
+    for start in range(0, len(prompts), sampling.batch_size):
+        chunk = prompts[start : start + sampling.batch_size]
+        rollout = sample(model, tokenizer, chunk, sampling.max_new_tokens, sampling.temperature)
+        rows.extend(zip(chunk, rollout.completions, rollout.ended_with_eos))
+    return rows

@@ -1,0 +1,240 @@
+"""PPO for language models with a per-token KL penalty to the reference policy.
+
+The algorithm of Ziegler et al. 2019 and InstructGPT (Ouyang et al. 2022), laid out top to bottom
+in the manner of CleanRL's ppo.py. One iteration:
+
+1. rollout: sample a response per prompt from the policy; record its `logprobs`, the reference's
+   `ref_logprobs`, the critic's `values` and the reward model's `score` (normalised, minus a
+   penalty when the response hit the token limit without EOS);
+2. rewards: r_t = -kl_coef * KL_t at every response token, plus the score at the last one;
+3. advantages: GAE(gamma, lam) over the response tokens, then whitened;
+4. update: `ppo_epochs` passes of minibatches with the clipped surrogate objective and a
+   clipped value loss (Schulman et al. 2017).
+
+The critic is a separate network initialised from the reward model, as in InstructGPT.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+import numpy as np
+import torch
+
+from components import lm, reward_model
+from components.config import PPOConfig, SamplingConfig
+from components.training import MetricsLogger, no_logging
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman 2020, "Approximating KL").
+
+        k1 = log r                  with log r = logprobs - ref_logprobs
+        k3 = (exp(-log r) - 1) + log r     (unbiased, never negative)
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}")
+
+
+def per_token_rewards(
+    scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float
+) -> torch.Tensor:
+    """r_t = -kl_coef * KL_t, plus the sequence score on the last response token (Ziegler et al. 2019)."""
+    rewards = -kl_coef * kl * response_mask
+    last = response_mask.sum(dim=1).long().clamp(min=1) - 1
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, response_mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over right-padded responses.
+
+        delta_t = r_t + gamma * V_{t+1} - V_t,   A_t = delta_t + gamma * lam * A_{t+1}
+
+    V beyond the last response token is 0 (the episode ends there). Returns (advantages, returns)
+    with returns = advantages + values.
+    """
+    values = values * response_mask
+    rewards = rewards * response_mask
+    advantages = torch.zeros_like(rewards)
+    last_gae = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    width = rewards.shape[1]
+    for t in reversed(range(width)):
+        next_values = values[:, t + 1] if t + 1 < width else torch.zeros_like(last_gae)
+        delta = rewards[:, t] + gamma * next_values - values[:, t]
+        last_gae = delta + gamma * lam * last_gae
+        advantages[:, t] = last_gae
+    advantages = advantages * response_mask
+    return advantages, advantages + values
+
+
+def policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, dict]:
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), as a loss to minimise.
+
+        ratio = exp(logprobs - old_logprobs)
+        L = mean( max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps)) )
+
+    Also returns clipfrac (share of tokens where clipping was active) and approx_kl
+    (mean of 0.5 * (log ratio)^2, as CleanRL logs it).
+    """
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(unclipped, clipped), mask)
+    stats = {
+        "clipfrac": float(masked_mean((clipped > unclipped).float(), mask)),
+        "approx_kl": float(masked_mean(0.5 * log_ratio.detach() ** 2, mask)),
+    }
+    return loss, stats
+
+
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, cliprange_value: float
+) -> tuple[torch.Tensor, dict]:
+    """Clipped value loss: 0.5 * mean( max((V - R)^2, (V_clipped - R)^2) ),
+    V_clipped = old_V + clip(V - old_V, -eps_v, eps_v)."""
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.max(unclipped_error, clipped_error), mask)
+    return loss, {"vf_clipfrac": float(masked_mean((clipped_error > unclipped_error).float(), mask))}
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    var_returns = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    residual = returns - values
+    var_residual = masked_mean((residual - masked_mean(residual, mask)) ** 2, mask)
+    return float(1 - var_residual / var_returns) if var_returns > 0 else float("nan")
+
+
+def critic_values(critic, batch: lm.Rollout) -> torch.Tensor:
+    """V(s_t) for each response token t: the critic's head at the position that predicts token t."""
+    input_ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1)
+    attention_mask = torch.cat([batch.prompt_mask, batch.response_mask], dim=1)
+    hidden = critic.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=lm.position_ids(attention_mask)
+    ).last_hidden_state
+    width = batch.prompt_ids.shape[1]
+    return critic.score(hidden[:, width - 1 : -1]).squeeze(-1).float()
+
+
+def entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return float(masked_mean(-(logp.exp() * logp).sum(-1), mask))
+
+
+def train(
+    policy,
+    ref_policy,
+    critic,
+    reward,
+    tokenizer,
+    prompts: list[str],
+    cfg: PPOConfig,
+    sampling: SamplingConfig,
+    seed: int,
+    log: MetricsLogger = no_logging,
+    gold_reward: Callable[[str, str, bool], float] | None = None,
+) -> dict:
+    """Run `cfg.steps` PPO iterations in place on `policy` and `critic`; returns the last metrics.
+
+    `gold_reward`, when given, is only logged (the world's oracle), never optimised.
+    """
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    for model in (policy, critic, ref_policy, reward):
+        model.eval()
+    for frozen in (ref_policy, reward):
+        frozen.requires_grad_(False)
+    optimizer = torch.optim.AdamW(
+        [{"params": policy.parameters()}, {"params": critic.parameters()}], lr=cfg.lr, eps=1e-5
+    )
+    temperature = sampling.temperature
+    metrics: dict = {}
+    for step in range(cfg.steps):
+        # 1. rollout. Models stay in eval mode throughout: dropout would make the update's
+        # log-probs differ from the rollout's at ratio 1 and bias clipping.
+        batch_prompts = rng.sample(prompts, k=min(cfg.batch_size, len(prompts)))
+        rollout = lm.sample(policy, tokenizer, batch_prompts, sampling.max_new_tokens, temperature)
+        mask = rollout.response_mask.float()
+        with torch.no_grad():
+            old_logprobs = lm.response_logprobs(policy, rollout, temperature)
+            ref_logprobs = lm.response_logprobs(ref_policy, rollout, temperature)
+            old_values = critic_values(critic, rollout) * mask
+            eos = torch.tensor(rollout.ended_with_eos, dtype=torch.float)
+            scores = reward_model.normalised_scores(reward, rollout) - cfg.missing_eos_penalty * (1 - eos)
+
+            # 2. rewards with the per-token KL penalty
+            kl = kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
+            rewards = per_token_rewards(scores, kl, mask, cfg.kl_coef)
+            if cfg.whiten_rewards:
+                rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
+
+            # 3. advantages
+            advantages, returns = gae(rewards, old_values, mask, cfg.gamma, cfg.lam)
+            advantages = masked_whiten(advantages, mask) * mask
+
+        # 4. update
+        update_stats: dict[str, list[float]] = {}
+        for _ in range(cfg.ppo_epochs):
+            for idx in torch.randperm(len(batch_prompts)).split(cfg.minibatch_size):
+                mb = rollout.select(idx)
+                mb_mask = mask[idx]
+                logits = lm.response_logits(policy, mb, temperature)
+                logprobs = lm.logprobs_of(logits, mb.response_ids)
+                values = critic_values(critic, mb)
+                pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.cliprange)
+                vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.cliprange_value)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(critic.parameters()), 1.0)
+                optimizer.step()
+                stats = {
+                    "policy_loss": pg_loss.item(),
+                    "value_loss": vf_loss.item(),
+                    "entropy": entropy(logits.detach(), mb_mask),
+                    **pg_stats,
+                    **vf_stats,
+                }
+                for key, value in stats.items():
+                    update_stats.setdefault(key, []).append(value)
+
+        lengths = mask.sum(1)
+        metrics = {
+            "score_mean": float(scores.mean()),
+            "kl": float(kl.sum(1).mean()),
+            "kl_coef": cfg.kl_coef,
+            "reward_mean": float(rewards.sum(1).mean()),
+            "explained_variance": explained_variance(old_values, returns, mask),
+            "response_length": float(lengths.mean()),
+            "eos_rate": float(eos.mean()),
+            **{key: float(np.mean(values)) for key, values in update_stats.items()},
+        }
+        if gold_reward is not None:
+            metrics["gold_reward_mean"] = float(
+                np.mean([gold_reward(p, c, e) for p, c, e in zip(rollout.prompts, rollout.completions, rollout.ended_with_eos)])
+            )
+        log(metrics, step)
+    return metrics

@@ -1,0 +1,33 @@
+"""Promotion: register the policy in the MLflow registry; alias `champion` only past the gate."""
+
+from __future__ import annotations
+
+import math
+
+from components import tracking
+from components.config import PromotionConfig
+
+CHAMPION = "champion"
+
+
+def gate(metrics: dict[str, float], cfg: PromotionConfig) -> list[str]:
+    """Reasons the policy may not become champion; empty when it passes."""
+    reasons = []
+    win_rate, kl = metrics.get("eval/gold_win_rate_vs_sft", float("nan")), metrics.get("eval/kl_to_sft", float("nan"))
+    if not win_rate >= cfg.min_gold_win_rate:
+        reasons.append(f"eval/gold_win_rate_vs_sft {win_rate:.3f} < {cfg.min_gold_win_rate}")
+    if not (math.isfinite(kl) and kl <= cfg.max_kl):
+        reasons.append(f"eval/kl_to_sft {kl:.3f} is not finite or exceeds {cfg.max_kl}")
+    return reasons
+
+
+def promote(model_uri: str, metrics: dict[str, float], cfg: PromotionConfig) -> dict:
+    reasons = gate(metrics, cfg)
+    passed = not reasons
+    version = tracking.register(
+        model_uri,
+        cfg.model_name,
+        alias=CHAMPION if passed else None,
+        tags={"gate": "passed" if passed else "failed", "gate_reasons": "; ".join(reasons) or "-", **metrics},
+    )
+    return {"model_name": cfg.model_name, "version": version, "champion": passed, "reasons": reasons}

@@ -1,0 +1,218 @@
+"""The pipeline's stages as plain functions over a project root.
+
+Each stage reads its inputs from the paths in `layout.PATHS`, writes its outputs there, and is
+recorded as one MLflow run (params, content hashes of what it read and wrote, per-step metrics,
+its model with the transformers flavor). `run_stage` is the single entry point: the Prefect tasks
+call it, and so does `rlhf stage NAME`, which is what `dvc.yaml` runs.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import random
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import mlflow
+import torch
+
+from components import annotators, evaluation, gold, lm, ppo, reward_model, sft, tracking, validation, world
+from components.config import PipelineConfig
+from components.layout import PATHS, STAGE_BY_NAME, Artifact, StageResult, read_jsonl, write_json, write_jsonl
+
+
+class StageError(RuntimeError):
+    """A stage could not run or its output failed a check; the message says what and where."""
+
+
+def _path(root: str, key: str) -> Path:
+    return Path(root) / PATHS[key]
+
+
+def _reviews(root: str) -> list[world.Review]:
+    return [world.Review(**row) for row in read_jsonl(_path(root, "corpus"))]
+
+
+def _prompts(root: str, split: str) -> list[str]:
+    return [row["prompt"] for row in read_jsonl(_path(root, "prompts")) if row["split"] == split]
+
+
+def build_world(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+    reviews = world.generate_reviews(
+        cfg.world.n_reviews, cfg.world.eval_fraction, cfg.world.low_quality_fraction, cfg.seed
+    )
+    write_jsonl(_path(root, "corpus"), [asdict(r) for r in reviews])
+    prompts: dict[str, str] = {}  # prompt -> split, first occurrence wins, order kept
+    for review in reviews:
+        prompts.setdefault(review.prompt(cfg.world.prompt_words), review.split)
+    write_jsonl(_path(root, "prompts"), [{"prompt": p, "split": s} for p, s in prompts.items()])
+    metrics = {
+        "reviews": len(reviews),
+        "train_prompts": sum(s == "train" for s in prompts.values()),
+        "eval_prompts": sum(s == "eval" for s in prompts.values()),
+        "low_quality_share": sum(r.low_quality for r in reviews) / len(reviews),
+    }
+    return metrics, None
+
+
+def pretrain(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+    base = cfg.base
+    if base.pretrained:
+        try:
+            model, tokenizer = lm.load_policy(base.pretrained)
+        except OSError as error:
+            raise StageError(
+                f"base.pretrained: cannot load '{base.pretrained}' (offline: HF_HUB_OFFLINE=1 unless you set it to 0): {error}"
+            ) from error
+        metrics = {}
+    else:
+        documents = [r.document for r in _reviews(root) if r.split == "train"]
+        tokenizer = lm.train_tokenizer(documents, base.vocab_size)
+        model = lm.build_model(tokenizer, base.n_layer, base.n_head, base.n_embd, base.max_length)
+        demos = [sft.Demonstration("", doc) for doc in documents]
+        metrics = sft.train(model, tokenizer, demos, base.max_length, base.epochs, base.batch_size, base.lr, cfg.seed, log)
+    metrics["parameters"] = sum(p.numel() for p in model.parameters())
+    lm.save_policy(model, tokenizer, _path(root, "base"))
+    return metrics, tracking.log_transformers_model(model, tokenizer, "text-generation")
+
+
+def supervised_fine_tune(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+    k = cfg.world.prompt_words
+    candidates = [
+        sft.Demonstration(r.prompt(k), r.completion(k)) for r in _reviews(root) if r.split == "train"
+    ]
+    random.Random(cfg.seed).shuffle(candidates)
+    demos, dropped = sft.curate(
+        candidates, cfg.sft.n_demonstrations, cfg.sft.min_words, cfg.sft.max_words, cfg.sft.min_quality
+    )
+    write_jsonl(_path(root, "demonstrations"), [asdict(d) for d in demos])
+    model, tokenizer = lm.load_policy(_path(root, "base"))
+    metrics = sft.train(
+        model, tokenizer, demos, cfg.base.max_length, cfg.sft.epochs, cfg.sft.batch_size, cfg.sft.lr, cfg.seed, log
+    )
+    metrics.update({"demonstrations": len(demos), **{f"dropped_{k}": v for k, v in dropped.items()}})
+    lm.save_policy(model, tokenizer, _path(root, "sft"))
+    return metrics, tracking.log_transformers_model(model, tokenizer, "text-generation")
+
+
+def collect(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+    prompts = _prompts(root, "train")
+    chosen = random.Random(cfg.seed).sample(prompts, k=min(cfg.collect.n_prompts, len(prompts)))
+    model, tokenizer = lm.load_policy(_path(root, "sft"))
+    repeated = [p for p in chosen for _ in range(cfg.collect.k)]
+    rows = lm.sample_many(model, tokenizer, repeated, cfg.sampling, cfg.seed)
+    write_jsonl(
+        _path(root, "samples"),
+        [{"prompt": p, "completion": c, "ended_with_eos": e, "policy": "sft"} for p, c, e in rows],
+    )
+    return {"prompts": len(chosen), "samples": len(rows), "eos_rate": sum(e for _, _, e in rows) / len(rows)}, None
+
+
+def label(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+    by_prompt: dict[str, list[annotators.Sample]] = collections.defaultdict(list)
+    for row in read_jsonl(_path(root, "samples")):
+        score = gold.gold_reward(row["prompt"], row["completion"], row["ended_with_eos"])
+        by_prompt[row["prompt"]].append(annotators.Sample(row["prompt"], row["completion"], score))
+    labels, stats = annotators.label(
+        by_prompt, cfg.annotators.n_annotators, cfg.annotators.target_agreement, cfg.seed
+    )
+    write_jsonl(_path(root, "preferences"), annotators.as_rows(labels))
+    return stats, None
+
+
+def validate(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+    source = _path(root, "preferences")
+    report = validation.validate_preferences(
+        read_jsonl(source), cfg.validation.mostly, cfg.validation.max_chars, source=str(source)
+    )
+    write_json(_path(root, "validation"), report.to_dict())
+    mlflow.log_dict(report.to_dict(), "validation_report.json")
+    if not report.success:
+        raise StageError(report.summary())
+    return {"rows": report.n_rows, "failed_expectations": len(report.failures)}, None
+
+
+def train_reward_model(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+    pairs = [reward_model.Pair(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(_path(root, "preferences"))]
+    random.Random(cfg.seed).shuffle(pairs)
+    n_eval = max(1, int(len(pairs) * cfg.reward.eval_fraction))
+    eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
+    _, tokenizer = lm.load_policy(_path(root, "sft"))
+    model = reward_model.load(_path(root, "sft"))
+    metrics = reward_model.train(
+        model, tokenizer, train_pairs, cfg.reward.epochs, cfg.reward.batch_size, cfg.reward.lr, cfg.seed, log
+    )
+    metrics["eval_accuracy"] = reward_model.accuracy(model, tokenizer, eval_pairs)
+    model.save_pretrained(str(_path(root, "reward")), safe_serialization=True)
+    tokenizer.save_pretrained(str(_path(root, "reward")))
+    return metrics, tracking.log_transformers_model(model, tokenizer, "text-classification")
+
+
+def train_ppo(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+    policy, tokenizer = lm.load_policy(_path(root, "sft"))
+    ref_policy = copy.deepcopy(policy)
+    critic = reward_model.load(_path(root, "reward"))
+    reward = reward_model.load(_path(root, "reward"))
+    metrics = ppo.train(
+        policy, ref_policy, critic, reward, tokenizer, _prompts(root, "train"), cfg.ppo, cfg.sampling, cfg.seed,
+        log, gold_reward=gold.gold_reward,
+    )
+    lm.save_policy(policy, tokenizer, _path(root, "policy"))
+    return metrics, tracking.log_transformers_model(policy, tokenizer, "text-generation")
+
+
+def evaluate(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+    policy, tokenizer = lm.load_policy(_path(root, "policy"))
+    sft_policy, _ = lm.load_policy(_path(root, "sft"))
+    reward = reward_model.load(_path(root, "reward"))
+    prompts = _prompts(root, "eval")[: cfg.eval.n_prompts]
+    metrics, rows = evaluation.evaluate(policy, sft_policy, reward, tokenizer, prompts, cfg.sampling, cfg.seed + 1)
+    write_jsonl(_path(root, "completions"), rows)
+    write_json(_path(root, "eval_metrics"), metrics)
+    return metrics, None
+
+
+IMPLEMENTATIONS: dict[str, Callable[[PipelineConfig, str, Callable], tuple[dict, str | None]]] = {
+    "world": build_world,
+    "pretrain": pretrain,
+    "sft": supervised_fine_tune,
+    "collect": collect,
+    "label": label,
+    "validate": validate,
+    "reward": train_reward_model,
+    "ppo": train_ppo,
+    "evaluate": evaluate,
+}
+
+
+def stage_params(cfg: PipelineConfig, name: str) -> dict:
+    """The slice of the configuration a stage reads (what dvc.yaml lists as its params)."""
+    dumped = cfg.model_dump()
+    return {key: dumped[key] for key in STAGE_BY_NAME[name].params}
+
+
+def run_stage(name: str, cfg: PipelineConfig, root: str | Path, parent_run_id: str | None = None) -> StageResult:
+    """Run one stage under `root`, recorded as an MLflow run; returns its outputs and metrics."""
+    stage, root = STAGE_BY_NAME[name], str(root)
+    inputs = []
+    for dep in stage.deps:
+        try:
+            inputs.append(Artifact.of(root, dep))
+        except FileNotFoundError:
+            raise StageError(f"stage '{name}' needs {PATHS[dep]} under {root}: run the stage that writes it first") from None
+    tracking.configure(root, cfg.experiment)
+    torch.manual_seed(cfg.seed)
+    with tracking.stage_run(name, stage_params(cfg, name), inputs, parent_run_id) as run:
+        metrics, model_uri = IMPLEMENTATIONS[name](cfg, root, tracking.metric_logger("train"))
+        outputs = [Artifact.of(root, key) for key in stage.outs + stage.metrics]
+        mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
+        tracking.log_outputs(outputs)
+    return StageResult(
+        stage=name,
+        outputs={a.name: a for a in outputs},
+        metrics={k: float(v) for k, v in metrics.items()},
+        run_id=run.info.run_id,
+        model_uri=model_uri,
+    )

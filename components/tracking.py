@@ -1,0 +1,120 @@
+"""MLflow: where runs go, one run per stage nested under the pipeline run, models logged.
+
+The default tracking and registry store is `sqlite:///<root>/mlflow/mlflow.db` with artifacts
+under `<root>/mlflow/artifacts`; `MLFLOW_TRACKING_URI` set in the environment wins.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+from components.layout import Artifact
+
+STAGE_TAG = "rlhf.stage"
+# Read once, before anything here runs: mlflow.set_tracking_uri also writes this variable, so a
+# later read could not tell the user's choice from the store of the previous project configured.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def configure(root: str | Path, experiment: str) -> str:
+    """Point MLflow at the project's store and experiment; returns the tracking URI."""
+    store = Path(root).resolve() / "mlflow"
+    uri = USER_TRACKING_URI or f"sqlite:///{store / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if mlflow.get_experiment_by_name(experiment) is None:
+        artifact_location = None
+        if uri.startswith("sqlite:///"):
+            store.mkdir(parents=True, exist_ok=True)
+            artifact_location = (store / "artifacts").as_uri()
+        mlflow.create_experiment(experiment, artifact_location=artifact_location)
+    mlflow.set_experiment(experiment)
+    return uri
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params: dict, inputs: list[Artifact], parent_run_id: str | None = None):
+    """An MLflow run for one stage: params, the content hash of every input it consumed."""
+    tags = {STAGE_TAG: stage, **{f"data.{a.name}.md5": a.md5 for a in inputs}}
+    if parent_run_id:
+        tags["mlflow.parentRunId"] = parent_run_id
+    with mlflow.start_run(run_name=stage, tags=tags) as run:
+        mlflow.log_params(flatten(params))
+        yield run
+
+
+def metric_logger(prefix: str):
+    """A `log(metrics, step)` callback for the training loops: curves named `prefix/key`, apart
+    from the stage's summary metrics that keep their plain names."""
+
+    def log(metrics: dict, step: int) -> None:
+        mlflow.log_metrics({f"{prefix}/{key}": float(value) for key, value in metrics.items()}, step=step)
+
+    return log
+
+
+def log_outputs(outputs: list[Artifact]) -> None:
+    mlflow.set_tags({f"output.{a.name}.md5": a.md5 for a in outputs})
+
+
+def log_transformers_model(model, tokenizer, task: str, name: str = "model") -> str:
+    """Log with the transformers flavor; returns the model URI to register."""
+    info = mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        name=name,
+        task=task,
+        # pinned from this environment: MLflow's own inference imports the model in a subprocess
+        pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "tokenizers", "safetensors")],
+    )
+    return info.model_uri
+
+
+def register(model_uri: str, name: str, alias: str | None, tags: dict) -> int:
+    """Register a model version, tag it, and point `alias` at it when given."""
+    version = mlflow.register_model(model_uri, name)
+    client = MlflowClient()
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version.version, key, str(value))
+    if alias:
+        client.set_registered_model_alias(name, alias, version.version)
+    return int(version.version)
+
+
+class PipelineRun:
+    """The parent run of one pipeline execution, written through the client so that stage runs
+    (started with `mlflow.start_run` in whatever thread runs the task) never collide with it."""
+
+    def __init__(self, experiment: str, params: dict):
+        self.client = MlflowClient()
+        experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
+        self.run_id = self.client.create_run(experiment_id, run_name="pipeline", tags={STAGE_TAG: "pipeline"}).info.run_id
+        for key, value in flatten(params).items():
+            self.client.log_param(self.run_id, key, value)
+
+    def set_tags(self, tags: dict) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def log_metrics(self, metrics: dict) -> None:
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, key, float(value))
+
+    def end(self, status: str) -> None:
+        self.client.set_terminated(self.run_id, status)

@@ -1,0 +1,41 @@
+"""DVC: after a pipeline run, record every stage's deps, params and outs in `dvc.lock`, cache the
+datasets and models, and push them to the default remote.
+
+The Prefect flow runs the stages itself (with its own cache); `dvc commit` then tells DVC that
+the outputs on disk are what `dvc.yaml`'s commands produce, so `dvc status` is clean and
+`dvc repro` / `dvc pull` / `dvc checkout` work on the same versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def is_dvc_repo(root: str | Path) -> bool:
+    return (Path(root) / ".dvc").is_dir() and (Path(root) / "dvc.yaml").is_file()
+
+
+def record(root: str | Path) -> dict:
+    """Commit all stages of `root`'s dvc.yaml and push to the default remote (if one is set)."""
+    if not is_dvc_repo(root):
+        log.warning("%s is not a DVC repository with a dvc.yaml: outputs are not versioned", root)
+        return {"committed": False, "pushed": 0}
+    from dvc.repo import Repo  # heavy import, only when versioning
+
+    # DVC resolves stage paths against the working directory, so run it from the project root
+    with contextlib.chdir(root), Repo(".") as repo:
+        repo.commit(None, force=True)
+        pushed = repo.push() if repo.config["core"].get("remote") else 0
+    return {"committed": True, "pushed": pushed}
+
+
+def lock_hashes(root: str | Path) -> dict[str, str]:
+    """path -> md5 of every stage output recorded in dvc.lock."""
+    import yaml
+
+    lock = yaml.safe_load((Path(root) / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}

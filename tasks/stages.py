@@ -1,0 +1,74 @@
+"""One Prefect task per pipeline stage, cached by what the stage depends on.
+
+A stage's cache key hashes its name, the configuration slice it reads, the content hashes of
+the datasets and models it consumes, and the library's code version: a re-run skips a stage
+exactly when none of these changed. A cached result whose outputs were deleted or modified on
+disk is recomputed (`run`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import CachePolicy
+from prefect.utilities.hashing import hash_objects
+
+from components import promotion
+from components.config import PipelineConfig, PromotionConfig
+from components.layout import STAGE_BY_NAME, StageResult, code_version
+from components.stages import StageError, run_stage, stage_params
+
+
+@dataclass
+class StageInputs(CachePolicy):
+    """Cache key: stage name, config slice, input content hashes, code version, project root."""
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs) -> Optional[str]:
+        name, cfg = inputs["name"], inputs["cfg"]
+        consumed = {
+            artifact.name: artifact.md5
+            for result in inputs["upstream"]
+            for artifact in result.outputs.values()
+            if artifact.name in STAGE_BY_NAME[name].deps
+        }
+        return hash_objects(
+            {
+                "stage": name,
+                "params": stage_params(cfg, name),
+                "inputs": consumed,
+                "code": code_version(),
+                "root": inputs["root"],
+            }
+        )
+
+
+@task(cache_policy=StageInputs(), persist_result=True)
+def stage_task(
+    name: str, cfg: PipelineConfig, root: str, upstream: list[StageResult], parent_run_id: str | None = None
+) -> StageResult:
+    try:
+        return run_stage(name, cfg, root, parent_run_id)
+    except StageError as error:
+        create_markdown_artifact(
+            key=f"{name}-failure", markdown=f"## Stage `{name}` failed\n\n```\n{error}\n```", description=str(error)[:200]
+        )
+        raise
+
+
+def run(name: str, cfg: PipelineConfig, root: str, upstream: list[StageResult], parent_run_id: str | None) -> StageResult:
+    """Run a stage through Prefect, reusing a cached result only while its outputs are intact."""
+    staged = stage_task.with_options(name=name, task_run_name=name)
+    result = staged(name, cfg, root, upstream, parent_run_id)
+    if not result.intact():
+        result = staged.with_options(refresh_cache=True)(name, cfg, root, upstream, parent_run_id)
+    return result
+
+
+@task(cache_key_fn=lambda ctx, inputs: hash_objects([inputs["policy_md5"], inputs["metrics"], inputs["cfg"].model_dump()]),
+      persist_result=True)
+def promote_task(model_uri: str, policy_md5: str, metrics: dict[str, float], cfg: PromotionConfig) -> dict:
+    """Register the policy once per policy version and gate the `champion` alias on evaluation."""
+    return promotion.promote(model_uri, metrics, cfg)

@@ -1,0 +1,120 @@
+"""Simulated annotators: tau calibration, realised agreement, pairing and determinism."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from components import annotators
+from components.annotators import Sample
+
+TARGET = 0.725
+
+
+def synthetic(n_prompts: int = 400, k: int = 4, seed: int = 7) -> dict[str, list[Sample]]:
+    rng = random.Random(seed)
+    return {
+        f"prompt {i}:": [Sample(f"prompt {i}:", f"completion {i}-{j}", rng.gauss(0.0, 1.0)) for j in range(k)]
+        for i in range(n_prompts)
+    }
+
+
+def test_expected_agreement_hand_values():
+    # diffs [1, -1, 0] at tau = 1: (sigmoid(1) + sigmoid(1) + sigmoid(0)) / 3
+    #   = (0.7310586 + 0.7310586 + 0.5) / 3 = 0.6540391
+    assert annotators.expected_agreement([1.0, -1.0, 0.0], 1.0) == pytest.approx(
+        (2 / (1 + math.exp(-1)) + 0.5) / 3, abs=1e-12
+    )
+
+
+def test_calibrate_tau_hits_target():
+    rng = random.Random(3)
+    diffs = [rng.gauss(0, 1) - rng.gauss(0, 1) for _ in range(500)]
+    for target in (0.6, TARGET, 0.9):
+        tau = annotators.calibrate_tau(diffs, target)
+        assert annotators.expected_agreement(diffs, tau) == pytest.approx(target, abs=1e-6)
+    # a single diff d: sigmoid(|d| / tau) = p  <=>  tau = |d| / logit(p); d = 2, p = 0.725:
+    # logit(0.725) = ln(0.725 / 0.275) = 0.9694006 -> tau = 2.0631...
+    tau = annotators.calibrate_tau([2.0], TARGET)
+    assert tau == pytest.approx(2.0 / math.log(0.725 / 0.275), rel=1e-6)
+
+
+def test_label_realised_agreement_and_stats():
+    samples = synthetic()
+    labels, stats = annotators.label(samples, n_annotators=5, target_agreement=TARGET, seed=11)
+    assert stats["pairs"] == len(labels) == 400 * 6
+    assert stats["expected_agreement"] == pytest.approx(TARGET, abs=1e-6)
+    realised = sum(label.agrees_with_gold for label in labels) / len(labels)
+    assert realised == pytest.approx(stats["agreement_with_gold"], abs=1e-12)
+    assert 0.70 <= realised <= 0.75
+    # agrees_with_gold is consistent with the gold values of chosen and rejected
+    gold = {s.completion: s.gold for group in samples.values() for s in group}
+    for label in labels[:200]:
+        assert label.agrees_with_gold == float(gold[label.chosen] > gold[label.rejected])
+        assert label.annotator in {f"simulated-{i}" for i in range(5)}
+        assert label.source == "simulated"
+
+
+def test_label_pairs_every_distinct_completion_once():
+    samples = {
+        "p1:": [Sample("p1:", c, g) for c, g in zip("abcd", (0.1, 0.5, -0.3, 1.0))],  # 4 distinct: 6 pairs
+        "p2:": [Sample("p2:", c, g) for c, g in zip("xxyz", (0.2, 0.2, 0.9, -1.0))],  # x twice: 3 distinct -> 3 pairs
+        "p3:": [Sample("p3:", "same", 0.0)] * 4,  # all identical: 0 pairs
+    }
+    labels, stats = annotators.label(samples, n_annotators=2, target_agreement=TARGET, seed=0)
+    per_prompt = {p: sum(label.prompt == p for label in labels) for p in samples}
+    assert per_prompt == {"p1:": 6, "p2:": 3, "p3:": 0}
+    assert stats["pairs"] == 9
+    assert len({label.pair_id for label in labels}) == 9  # no pair labelled twice
+    assert all(label.chosen != label.rejected for label in labels)
+    p1 = {frozenset((label.chosen, label.rejected)) for label in labels if label.prompt == "p1:"}
+    assert p1 == {frozenset(pair) for pair in ("ab", "ac", "ad", "bc", "bd", "cd")}
+
+
+def test_label_rejects_no_distinct_pairs():
+    with pytest.raises(ValueError, match="no pair"):
+        annotators.label({"p:": [Sample("p:", "same", 0.0)] * 3}, 1, TARGET, 0)
+
+
+def test_pair_id_stable_and_order_independent():
+    first = annotators.pair_id("The Quiet River: I watched", "great film", "bad film")
+    assert first == annotators.pair_id("The Quiet River: I watched", "bad film", "great film")
+    assert first == annotators.pair_id("The Quiet River: I watched", "great film", "bad film")
+    assert len(first) == 16 and int(first, 16) >= 0
+    # differs when the prompt or a completion differs
+    assert first != annotators.pair_id("The Quiet River: I saw", "great film", "bad film")
+    assert first != annotators.pair_id("The Quiet River: I watched", "great film", "bad movie")
+    # a fixed value: the id must not depend on the process (no salted hash())
+    import hashlib
+
+    expected = hashlib.sha256("p\x1fa\x1fb".encode()).hexdigest()[:16]
+    assert annotators.pair_id("p", "b", "a") == expected
+
+
+def test_label_pair_ids_match_labels():
+    labels, _ = annotators.label(synthetic(20), 3, TARGET, seed=5)
+    for label in labels:
+        assert label.pair_id == annotators.pair_id(label.prompt, label.chosen, label.rejected)
+    assert len({label.pair_id for label in labels}) == len(labels)
+
+
+def test_label_same_seed_same_labels():
+    samples = synthetic(100)
+    first, stats_first = annotators.label(samples, 5, TARGET, seed=42)
+    second, stats_second = annotators.label(samples, 5, TARGET, seed=42)
+    assert first == second
+    assert stats_first == stats_second
+    other, _ = annotators.label(samples, 5, TARGET, seed=43)
+    assert [l.chosen for l in other] != [l.chosen for l in first]
+    rows = annotators.as_rows(first)
+    assert rows[0] == {
+        "pair_id": first[0].pair_id,
+        "prompt": first[0].prompt,
+        "chosen": first[0].chosen,
+        "rejected": first[0].rejected,
+        "annotator": first[0].annotator,
+        "source": "simulated",
+        "agrees_with_gold": first[0].agrees_with_gold,
+    }

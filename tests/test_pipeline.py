@@ -1,0 +1,109 @@
+"""The whole pipeline on a tiny configuration, through a real Prefect API, a real MLflow SQLite
+store and registry, and a real DVC repository in a temp dir."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from components.layout import PATHS, STAGES
+from components.versioning import lock_hashes
+
+EVAL_METRICS = {
+    "eval/gold_win_rate_vs_sft", "eval/proxy_win_rate_vs_sft", "eval/kl_to_sft", "eval/gold_reward_mean",
+    "eval/sft_gold_reward_mean", "eval/response_length_mean", "eval/eos_rate",
+}
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, prefect_api):
+    from components.config import load_config
+    from flows.pipeline import rlhf_pipeline
+    from tests.conftest import REPO, TINY, make_project
+
+    root = make_project(tmp_path_factory.mktemp("pipeline") / "project")
+    cfg = load_config(REPO / "params.yaml", TINY)
+    outcome = rlhf_pipeline(config=cfg, root=str(root))
+    return root, cfg, outcome
+
+
+def _runs(root, **filters) -> list:
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("rlhf-pipeline")
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in filters.items())
+    return client.search_runs([experiment.experiment_id], filter_string=query, max_results=500)
+
+
+def test_flow_reports_every_evaluation_metric(pipeline_run):
+    root, _, outcome = pipeline_run
+    assert set(outcome["metrics"]) == EVAL_METRICS
+    assert all(math.isfinite(v) for v in outcome["metrics"].values())
+    assert 0.0 <= outcome["metrics"]["eval/gold_win_rate_vs_sft"] <= 1.0
+    on_disk = json.loads((root / PATHS["eval_metrics"]).read_text())
+    assert on_disk == pytest.approx(outcome["metrics"])
+
+
+def test_mlflow_has_parent_run_with_one_nested_run_per_stage(pipeline_run):
+    root, _, outcome = pipeline_run
+    parent = _runs(root, **{"rlhf.stage": "pipeline"})
+    assert [r.info.run_id for r in parent] == [outcome["parent_run_id"]]
+    assert parent[0].data.metrics.keys() >= EVAL_METRICS
+    for stage in STAGES:
+        (run,) = _runs(root, **{"rlhf.stage": stage.name})
+        assert run.data.tags["mlflow.parentRunId"] == outcome["parent_run_id"]
+        assert run.info.status == "FINISHED"
+    ppo_run = _runs(root, **{"rlhf.stage": "ppo"})[0]
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    history = client.get_metric_history(ppo_run.info.run_id, "train/kl")
+    assert [m.step for m in history] == [0, 1]
+    assert history[-1].value == pytest.approx(ppo_run.data.metrics["kl"])
+
+
+def test_dataset_hashes_on_runs_equal_dvc_lock_and_dvc_is_clean(pipeline_run):
+    from dvc.repo import Repo
+
+    root, _, _ = pipeline_run
+    locked = lock_hashes(root)
+    (label_run,) = _runs(root, **{"rlhf.stage": "label"})
+    (reward_run,) = _runs(root, **{"rlhf.stage": "reward"})
+    assert label_run.data.tags["data.samples.md5"] == locked[PATHS["samples"]]
+    assert reward_run.data.tags["data.preferences.md5"] == locked[PATHS["preferences"]]
+    for key in ("corpus", "prompts", "demonstrations", "samples", "preferences", "completions"):
+        assert PATHS[key] in locked
+    with Repo(str(root)) as repo:
+        assert repo.status() == {}
+    assert (root.parent / "dvc-remote").is_dir()  # pushed to the default local remote
+
+
+def test_policy_is_registered_and_champion_loads_and_generates(pipeline_run):
+    root, _, outcome = pipeline_run
+    assert outcome["promotion"]["champion"] is True
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    mlflow.set_registry_uri(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    version = MlflowClient().get_model_version_by_alias("rlhf-policy", "champion")
+    assert int(version.version) == outcome["promotion"]["version"]
+    model = mlflow.pyfunc.load_model("models:/rlhf-policy@champion")
+    generated = model.predict(["The Silent Harbor: I watched"])
+    assert isinstance(generated[0], str) and len(generated[0]) > 0
+
+
+def test_rerun_skips_every_unchanged_stage(pipeline_run):
+    from flows.pipeline import rlhf_pipeline
+
+    root, cfg, first = pipeline_run
+    stage_runs_before = len(_runs(root)) - len(_runs(root, **{"rlhf.stage": "pipeline"}))
+    second = rlhf_pipeline(config=cfg, root=str(root))
+    stage_runs_after = len(_runs(root)) - len(_runs(root, **{"rlhf.stage": "pipeline"}))
+    assert stage_runs_after == stage_runs_before  # no stage ran again
+    assert second["metrics"] == first["metrics"]
+    assert second["promotion"]["version"] == first["promotion"]["version"]  # not registered twice
+
+    changed = cfg.model_copy(update={"ppo": cfg.ppo.model_copy(update={"steps": 3})})
+    rlhf_pipeline(config=changed, root=str(root))
+    rerun = {r.data.tags["rlhf.stage"] for r in _runs(root)} - {"pipeline"}
+    counts = {name: len(_runs(root, **{"rlhf.stage": name})) for name in rerun}
+    assert counts == {s.name: (2 if s.name in ("ppo", "evaluate") else 1) for s in STAGES}
