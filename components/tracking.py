@@ -12,6 +12,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
+from huggingface_hub import ModelCard
 from mlflow.tracking import MlflowClient
 
 from components.layout import Artifact
@@ -74,12 +75,17 @@ def log_outputs(outputs: list[Artifact]) -> None:
     mlflow.set_tags({f"output.{a.name}.md5": a.md5 for a in outputs})
 
 
-def log_transformers_model(model, tokenizer, task: str, name: str = "model") -> str:
-    """Log with the transformers flavor; returns the model URI to register."""
+def log_transformers_model(model, tokenizer, task: str, description: str, name: str = "model") -> str:
+    """Log with the transformers flavor; returns the model URI to register.
+
+    The model card is ours: without one MLflow asks the hub for the card of `name_or_path`.
+    """
+    card = ModelCard(f"---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# {description}\n")
     info = mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tokenizer},
         name=name,
         task=task,
+        model_card=card,
         # pinned from this environment: MLflow's own inference imports the model in a subprocess
         pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "tokenizers", "safetensors")],
     )
@@ -95,6 +101,20 @@ def register(model_uri: str, name: str, alias: str | None, tags: dict) -> int:
     if alias:
         client.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
+
+
+def log_ingest(root: str | Path, experiment: str, report: dict, version: dict | None) -> str:
+    """One MLflow run for an `rlhf data ingest`: counts, agreement statistics, the dataset's hash."""
+    configure(root, experiment)
+    tags = {STAGE_TAG: "ingest", "data.source": report["source"]}
+    if version:
+        tags[f"data.{version['path']}.md5"] = version["md5"]
+    with mlflow.start_run(run_name="ingest", tags=tags) as run:
+        mlflow.log_params(flatten({"data": report["config"]}))
+        counts = {key: report[key] for key in ("rows", "valid_rows", "quarantined_rows", "labels", "pairs")}
+        mlflow.log_metrics({**counts, **{f"agreement/{k}": v for k, v in report["agreement"].items()}})
+        mlflow.log_dict(report, "ingest_report.json")
+    return run.info.run_id
 
 
 class PipelineRun:
