@@ -71,7 +71,7 @@ class SamplingConfig(Section):
 class CollectConfig(Section):
     """Sampling K completions per training prompt from the SFT policy, to be labelled."""
 
-    n_prompts: int = Field(384, ge=1)
+    n_prompts: int = Field(1024, ge=1)
     k: int = Field(4, ge=2, description="completions per prompt (InstructGPT uses 4 to 9)")
 
 
@@ -84,17 +84,39 @@ class AnnotatorConfig(Section):
     )
 
 
-class ValidationConfig(Section):
-    """Great Expectations suite on the preference set."""
+class DataConfig(Section):
+    """Preference data: an external set to ingest (`rlhf data ingest`, or `source` in the pipeline)
+    and how every preference set is read, checked and turned into pairs (components/preferences.py,
+    components/validation.py)."""
 
-    mostly: float = Field(1.0, gt=0, le=1, description="share of rows each expectation must hold for")
-    max_chars: int = Field(4000, ge=1, description="longest text accepted in a preference row")
+    source: str | None = Field(
+        None, description="a file or Hugging Face dataset id the pipeline ingests instead of simulated labels"
+    )
+    format: Literal["auto", "pairs", "ranked", "ratings", "hh"] = Field(
+        "auto", description="record type of the source rows; auto detects it from the fields of the first row"
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="source field -> record field, e.g. {question: prompt, good: chosen}"
+    )
+    max_chars: int = Field(
+        20000, ge=1, description="longest text accepted in any field (HH-RLHF transcripts reach about 4,300)"
+    )
+    ties: Literal["drop", "keep"] = Field(
+        "drop", description="equal ratings and split votes: dropped, or kept as pairs with tie=true and margin 0"
+    )
+    mostly: float = Field(1.0, gt=0, le=1, description="share of rows each dataset-level expectation must hold for")
+    max_invalid_fraction: float = Field(
+        0.05, ge=0, le=1, description="share of quarantined rows above which an ingest fails"
+    )
+    hf_split: str = Field("train", description="split of a Hugging Face dataset id")
+    hf_subset: str | None = Field(None, description="configuration name of a Hugging Face dataset id")
+    hf_data_dir: str | None = Field(None, description="folder within a Hugging Face dataset, e.g. harmless-base")
 
 
 class RewardConfig(Section):
     """Reward model: the SFT backbone with a scalar head, pairwise Bradley-Terry loss."""
 
-    epochs: int = Field(2, ge=1)
+    epochs: int = Field(1, ge=1, description="one pass: fresh pairs help more than repeated ones")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-4, gt=0)
     eval_fraction: float = Field(0.1, gt=0, lt=0.5, description="pairs held out for accuracy")
@@ -108,7 +130,7 @@ class PPOConfig(Section):
     minibatch_size: int = Field(16, ge=1)
     ppo_epochs: int = Field(4, ge=1, description="passes over each rollout")
     lr: float = Field(5e-5, gt=0)
-    kl_coef: float = Field(0.05, ge=0, description="beta of the per-token KL penalty")
+    kl_coef: float = Field(0.1, ge=0, description="beta of the per-token KL penalty")
     kl_estimator: Literal["k1", "k3"] = "k1"
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)
@@ -142,7 +164,7 @@ class PipelineConfig(Section):
     sampling: SamplingConfig = SamplingConfig()
     collect: CollectConfig = CollectConfig()
     annotators: AnnotatorConfig = AnnotatorConfig()
-    validation: ValidationConfig = ValidationConfig()
+    data: DataConfig = DataConfig()
     reward: RewardConfig = RewardConfig()
     ppo: PPOConfig = PPOConfig()
     eval: EvalConfig = EvalConfig()

@@ -18,7 +18,9 @@ from typing import Callable
 import mlflow
 import torch
 
-from components import annotators, evaluation, gold, lm, ppo, reward_model, sft, tracking, validation, world
+from components import (
+    annotators, evaluation, gold, lm, ppo, preferences, reward_model, sft, tracking, validation, world,
+)
 from components.config import PipelineConfig
 from components.layout import PATHS, STAGE_BY_NAME, Artifact, StageResult, read_jsonl, write_json, write_jsonl
 
@@ -75,7 +77,7 @@ def pretrain(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
         metrics = sft.train(model, tokenizer, demos, base.max_length, base.epochs, base.batch_size, base.lr, cfg.seed, log)
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
     lm.save_policy(model, tokenizer, _path(root, "base"))
-    return metrics, tracking.log_transformers_model(model, tokenizer, "text-generation")
+    return metrics, tracking.log_transformers_model(model, tokenizer, "text-generation", "Base language model")
 
 
 def supervised_fine_tune(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
@@ -94,7 +96,7 @@ def supervised_fine_tune(cfg: PipelineConfig, root: str, log) -> tuple[dict, str
     )
     metrics.update({"demonstrations": len(demos), **{f"dropped_{k}": v for k, v in dropped.items()}})
     lm.save_policy(model, tokenizer, _path(root, "sft"))
-    return metrics, tracking.log_transformers_model(model, tokenizer, "text-generation")
+    return metrics, tracking.log_transformers_model(model, tokenizer, "text-generation", "SFT policy")
 
 
 def collect(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
@@ -111,6 +113,8 @@ def collect(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
 
 
 def label(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+    if cfg.data.source:
+        return ingest_preferences(cfg, root), None
     by_prompt: dict[str, list[annotators.Sample]] = collections.defaultdict(list)
     for row in read_jsonl(_path(root, "samples")):
         score = gold.gold_reward(row["prompt"], row["completion"], row["ended_with_eos"])
@@ -122,10 +126,28 @@ def label(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
     return stats, None
 
 
+def ingest_preferences(cfg: PipelineConfig, root: str) -> dict:
+    """An external preference set in place of the simulated labels, read and checked row by row."""
+    out = _path(root, "preferences").parent
+    try:
+        result = preferences.ingest(cfg.data.source, out, cfg.data)
+    except preferences.DataError as error:
+        raise StageError(f"data.source: {error}") from error
+    mlflow.log_dict(result.report, "ingest_report.json")
+    if not result.ok:
+        shown = "\n".join(entry.message() for entry in result.quarantine[:20])
+        raise StageError(
+            f"{cfg.data.source}: {result.report['quarantined_rows']} of {result.report['rows']} rows quarantined "
+            f"(more than data.max_invalid_fraction={cfg.data.max_invalid_fraction}), see {out / 'quarantine.jsonl'}\n{shown}"
+        )
+    counts = {key: result.report[key] for key in ("rows", "valid_rows", "quarantined_rows", "pairs")}
+    return {**counts, **{f"agreement/{key}": value for key, value in result.report["agreement"].items()}}
+
+
 def validate(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
     source = _path(root, "preferences")
     report = validation.validate_preferences(
-        read_jsonl(source), cfg.validation.mostly, cfg.validation.max_chars, source=str(source)
+        read_jsonl(source), cfg.data.mostly, cfg.data.max_chars, source=str(source)
     )
     write_json(_path(root, "validation"), report.to_dict())
     mlflow.log_dict(report.to_dict(), "validation_report.json")
@@ -147,7 +169,7 @@ def train_reward_model(cfg: PipelineConfig, root: str, log) -> tuple[dict, str |
     metrics["eval_accuracy"] = reward_model.accuracy(model, tokenizer, eval_pairs)
     model.save_pretrained(str(_path(root, "reward")), safe_serialization=True)
     tokenizer.save_pretrained(str(_path(root, "reward")))
-    return metrics, tracking.log_transformers_model(model, tokenizer, "text-classification")
+    return metrics, tracking.log_transformers_model(model, tokenizer, "text-classification", "Reward model (Bradley-Terry)")
 
 
 def train_ppo(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
@@ -160,7 +182,7 @@ def train_ppo(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
         log, gold_reward=gold.gold_reward,
     )
     lm.save_policy(policy, tokenizer, _path(root, "policy"))
-    return metrics, tracking.log_transformers_model(policy, tokenizer, "text-generation")
+    return metrics, tracking.log_transformers_model(policy, tokenizer, "text-generation", "PPO policy")
 
 
 def evaluate(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:

@@ -1,7 +1,7 @@
-"""Validation of a pairwise preference set with a Great Expectations suite.
+"""Validation of preference data with Great Expectations suites.
 
 The reward model learns only from these pairs, so a broken pair silently teaches it the wrong
-thing. Before a set is used we check, with a real GX 1.x suite on an in-memory context:
+thing. Before a set is used we check, with a real GX 1.x suite (`validate_preferences`):
 
 - the table has rows and every column of PREFERENCE_COLUMNS (extra columns are allowed);
 - prompt, chosen and rejected are never null, and each is 1 to `max_chars` characters long:
@@ -10,13 +10,29 @@ thing. Before a set is used we check, with a real GX 1.x suite on an in-memory c
   it only pushes the reward model towards noise;
 - pair_id is unique, so a pair is never counted twice and labels can be joined back to it.
 
+Before labels become pairs, `validate_labels` checks the judgements themselves, one row per
+label with an `item` (what was judged, by whom) and its `label` (the judgement):
+
+- no label repeats an earlier identical label of the same item (a duplicated row would count
+  twice in a majority vote);
+- no item carries contradictory labels: the same annotator (or an unknown one) giving both
+  orientations of a pair cannot both be right. Different annotators disagreeing is not a
+  contradiction: their items differ, and `components.preferences` aggregates their votes.
+
 Column checks accept `mostly` (the share of rows that must pass), for sets where a few bad rows
-are tolerable. Every failure names its column and the 0-based input rows that broke it.
+are tolerable. Every failure names its column and the 0-based input rows that broke it; the
+report also lists every row an expectation found bad when `mostly` let it pass (`flagged`).
+
+Without `docs_dir` the suites run on an in-memory context. With it, the results are kept in a
+file-backed context in `docs_dir/gx/`, and `build_data_docs(docs_dir)` renders all of them as the
+Data Docs HTML site in `docs_dir/` (`index.html`, once for several suites: rendering is most of
+the cost); the pages load their CSS from CDNs, so offline they render unstyled.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
 import great_expectations as gx
@@ -26,6 +42,7 @@ from great_expectations.data_context.types.base import ProgressBarsConfig
 
 PREFERENCE_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "annotator", "source")
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
+LABEL_COLUMNS = ("item", "label")
 ROWS_IN_MESSAGE = 20
 
 # GX reports failing rows by the values of an index column; the input's own index may be
@@ -34,6 +51,15 @@ _ROW = "_row"
 # GX has no "two columns differ" expectation and UnexpectedRowsExpectation needs SQL, so the
 # comparison becomes a boolean column expected to be True (see shared/STACK_NOTES.md).
 _DIFFERS = "chosen_differs_from_rejected"
+# Likewise for labels: pandas marks each row, GX checks the marks and names the rows. Both names
+# are keys of ValidationReport.flagged, from which callers quarantine rows.
+DUPLICATES = "first_copy_of_its_label"
+CONTRADICTIONS = "agrees_with_its_item"
+_DERIVED_MESSAGES = {
+    _DIFFERS: "columns 'chosen' and 'rejected' are identical in {where}.",
+    DUPLICATES: "a label repeats an earlier identical label of the same item in {where}.",
+    CONTRADICTIONS: "labels of the same item contradict each other in {where}.",
+}
 
 
 @dataclass(frozen=True)
@@ -50,6 +76,8 @@ class ValidationReport:
     n_rows: int
     success: bool
     failures: list[Failure]
+    # column -> rows an expectation found bad, including those `mostly` tolerated
+    flagged: dict[str, list[int]] = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"{self.source}: {self.n_rows} rows, {len(self.failures)} expectations failed"]
@@ -68,7 +96,7 @@ class PreferenceValidationError(ValueError):
         self.report = report
 
 
-def _expectations(columns: set[str], mostly: float, max_chars: int) -> list[gxe.Expectation]:
+def _preference_expectations(columns: set[str], mostly: float, max_chars: int) -> list[gxe.Expectation]:
     suite: list[gxe.Expectation] = [gxe.ExpectTableRowCountToBeBetween(min_value=1)]
     suite += [gxe.ExpectColumnToExist(column=column) for column in PREFERENCE_COLUMNS]
     # A check on a missing column would only repeat the missing-column failure, so it is skipped
@@ -96,6 +124,8 @@ def _message(expectation: str, column: str | None, rows: list[int], max_chars: i
     if error:
         return f"{expectation} on column '{column}' could not run: {error}."
     where = _rows_text(rows)
+    if column in _DERIVED_MESSAGES:
+        return _DERIVED_MESSAGES[column].format(where=where)
     return {
         "expect_table_row_count_to_be_between": "the set has no rows.",
         "expect_column_to_exist": f"column '{column}' is missing.",
@@ -103,18 +133,73 @@ def _message(expectation: str, column: str | None, rows: list[int], max_chars: i
         "expect_column_value_lengths_to_be_between": (
             f"column '{column}' is empty or longer than {max_chars} characters in {where}."
         ),
-        "expect_column_values_to_be_in_set": f"columns 'chosen' and 'rejected' are identical in {where}.",
         "expect_column_values_to_be_unique": f"column '{column}' has duplicate values in {where}.",
     }.get(expectation, f"{expectation} failed on column '{column}' in {where}.")
+
+
+def _rows(result: Any) -> list[int]:
+    return sorted(int(index[_ROW]) for index in result.result.get("unexpected_index_list") or [])
 
 
 def _failure(result: Any, max_chars: int) -> Failure:
     expectation = result.expectation_config.type
     column = result.expectation_config.kwargs.get("column")
-    rows = sorted(int(index[_ROW]) for index in result.result.get("unexpected_index_list") or [])
+    rows = _rows(result)
     info = result.exception_info or {}
     error = info.get("exception_message") if info.get("raised_exception") else None
     return Failure(expectation, column, rows, _message(expectation, column, rows, max_chars, error))
+
+
+def _context(docs_dir: Path | None) -> Any:
+    if docs_dir is None:
+        context = gx.get_context(mode="ephemeral")
+    else:
+        context = gx.get_context(mode="file", project_root_dir=docs_dir)
+        # The site goes to the top of docs_dir rather than deep inside GX's own folder; the path is
+        # relative to docs_dir/gx so the folder can be moved.
+        context.variables.data_docs_sites = {
+            "local_site": {
+                "class_name": "SiteBuilder",
+                "show_how_to_buttons": False,
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": ".."},
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            }
+        }
+    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
+    return context
+
+
+def _frame(rows: Iterable[dict[str, Any]] | pd.DataFrame) -> pd.DataFrame:
+    frame = rows.reset_index(drop=True) if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    frame[_ROW] = range(len(frame))
+    return frame
+
+
+def _validate(
+    frame: pd.DataFrame,
+    name: str,
+    expectations: list[gxe.Expectation],
+    max_chars: int,
+    source: str,
+    docs_dir: str | Path | None,
+) -> ValidationReport:
+    context = _context(None if docs_dir is None else Path(docs_dir).resolve())
+    batch_definition = (
+        context.data_sources.add_or_update_pandas(name)
+        .add_dataframe_asset(name)
+        .add_batch_definition_whole_dataframe("all_rows")
+    )
+    suite = context.suites.add_or_update(gx.ExpectationSuite(name=name, expectations=expectations))
+    definition = context.validation_definitions.add_or_update(
+        gx.ValidationDefinition(name=name, data=batch_definition, suite=suite)
+    )
+    result = definition.run(
+        batch_parameters={"dataframe": frame},
+        result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [_ROW]},
+    )
+    failures = [_failure(r, max_chars) for r in result.results if not r.success]
+    flagged = {r.expectation_config.kwargs.get("column"): _rows(r) for r in result.results if _rows(r)}
+    return ValidationReport(source=source, n_rows=len(frame), success=not failures, failures=failures, flagged=flagged)
 
 
 def validate_preferences(
@@ -122,27 +207,43 @@ def validate_preferences(
     mostly: float = 1.0,
     max_chars: int = 4000,
     source: str = "preferences",
+    docs_dir: str | Path | None = None,
 ) -> ValidationReport:
     """Validate preference pairs (a list of dicts or a DataFrame) and report every failure.
 
     Never raises on bad data: the caller decides, e.g. `raise PreferenceValidationError(report)`.
     """
-    frame = rows.reset_index(drop=True) if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
-    frame[_ROW] = range(len(frame))
+    frame = _frame(rows)
     if {"chosen", "rejected"} <= set(frame.columns):
         frame[_DIFFERS] = frame["chosen"] != frame["rejected"]
+    expectations = _preference_expectations(set(frame.columns), mostly, max_chars)
+    return _validate(frame, "preferences", expectations, max_chars, source, docs_dir)
 
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-    batch = (
-        context.data_sources.add_pandas("preferences")
-        .add_dataframe_asset("pairs")
-        .add_batch_definition_whole_dataframe("all_rows")
-        .get_batch(batch_parameters={"dataframe": frame})
-    )
-    suite = gx.ExpectationSuite(name="preferences", expectations=_expectations(set(frame.columns), mostly, max_chars))
-    result = batch.validate(
-        suite, result_format={"result_format": "COMPLETE", "unexpected_index_column_names": [_ROW]}
-    )
-    failures = [_failure(r, max_chars) for r in result.results if not r.success]
-    return ValidationReport(source=source, n_rows=len(frame), success=not failures, failures=failures)
+
+def validate_labels(
+    rows: Iterable[dict[str, Any]] | pd.DataFrame,
+    mostly: float = 1.0,
+    source: str = "labels",
+    docs_dir: str | Path | None = None,
+) -> ValidationReport:
+    """Check a table of labels (columns LABEL_COLUMNS: one row per judgement, any hashable values)
+    for duplicates and contradictions. Rows are numbered from 0 in input order."""
+    frame = _frame(rows)
+    for column in LABEL_COLUMNS:
+        if column not in frame.columns:
+            raise ValueError(f"validate_labels needs column '{column}'")
+    frame[DUPLICATES] = ~frame.duplicated(list(LABEL_COLUMNS))
+    frame[CONTRADICTIONS] = frame.groupby("item")["label"].transform("nunique") <= 1
+    expectations: list[gxe.Expectation] = [gxe.ExpectTableRowCountToBeBetween(min_value=1)]
+    expectations += [
+        gxe.ExpectColumnValuesToBeInSet(column=column, value_set=[True], mostly=mostly)
+        for column in (DUPLICATES, CONTRADICTIONS)
+    ]
+    return _validate(frame, "labels", expectations, 0, source, docs_dir)
+
+
+def build_data_docs(docs_dir: str | Path) -> Path:
+    """Render every result kept under `docs_dir` as HTML; returns the site's index.html."""
+    docs_dir = Path(docs_dir).resolve()
+    _context(docs_dir).build_data_docs()
+    return docs_dir / "index.html"

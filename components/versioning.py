@@ -33,6 +33,32 @@ def record(root: str | Path) -> dict:
     return {"committed": True, "pushed": pushed}
 
 
+def dvc_root(path: str | Path) -> Path | None:
+    """The DVC repository holding `path`, if any."""
+    for folder in [Path(path).resolve(), *Path(path).resolve().parents]:
+        if (folder / ".dvc").is_dir():
+            return folder
+    return None
+
+
+def track(path: str | Path) -> dict | None:
+    """`dvc add` a dataset folder and push it to the default remote; None outside a DVC repo.
+
+    The same content always gets the same md5, so ingesting a source twice adds no new version.
+    """
+    root = dvc_root(path)
+    if root is None:
+        log.warning("%s is not inside a DVC repository: the dataset is not versioned", path)
+        return None
+    from dvc.repo import Repo
+
+    relative = Path(path).resolve().relative_to(root)
+    with contextlib.chdir(root), Repo(".") as repo:
+        (stage,) = repo.add(str(relative))
+        pushed = repo.push([str(relative)]) if repo.config["core"].get("remote") else 0
+    return {"path": str(relative), "md5": stage.outs[0].hash_info.value, "pushed": pushed}
+
+
 def lock_hashes(root: str | Path) -> dict[str, str]:
     """path -> md5 of every stage output recorded in dvc.lock."""
     import yaml

@@ -15,7 +15,7 @@ def test_defaults_validate():
         section = getattr(cfg, section_name)
         if hasattr(type(section), "model_fields"):
             for name, field in type(section).model_fields.items():
-                assert getattr(section, name) == field.default, f"{section_name}.{name}"
+                assert getattr(section, name) == field.get_default(call_default_factory=True), f"{section_name}.{name}"
     assert cfg.base.pretrained is None
     assert cfg.ppo.batch_size % cfg.ppo.minibatch_size == 0
 

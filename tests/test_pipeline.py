@@ -107,3 +107,35 @@ def test_rerun_skips_every_unchanged_stage(pipeline_run):
     rerun = {r.data.tags["rlhf.stage"] for r in _runs(root)} - {"pipeline"}
     counts = {name: len(_runs(root, **{"rlhf.stage": name})) for name in rerun}
     assert counts == {s.name: (2 if s.name in ("ppo", "evaluate") else 1) for s in STAGES}
+
+
+def test_pipeline_starts_from_an_ingested_external_set(pipeline_run, tmp_path):
+    """`data.source` replaces the simulated labels; the set is checked row by row and by GX."""
+    from flows.pipeline import rlhf_pipeline
+
+    root, cfg, _ = pipeline_run
+    prompts = [json.loads(line)["prompt"] for line in (root / PATHS["prompts"]).read_text().splitlines()][:10]
+    responses = (" I loved this film.", " The plot is dull.", " It is wonderful to watch.")
+    rows = ["prompt,response,rating,annotator"]
+    for prompt in prompts:
+        for response, rating in zip(responses, (5, 1, 4)):
+            for annotator, noise in (("ann-a", 0), ("ann-b", -1 if response == responses[2] else 0)):
+                rows.append(f'"{prompt}","{response}",{rating + noise},{annotator}')
+    rows.append(f'"{prompts[0]}"," A bad row.",7,ann-a')  # out of range: quarantined, below the threshold
+    source = tmp_path / "ratings.csv"
+    source.write_text("\n".join(rows) + "\n")
+
+    external = cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(source), "format": "ratings"})})
+    outcome = rlhf_pipeline(config=external, root=str(root))
+
+    (label_run,) = [r for r in _runs(root, **{"rlhf.stage": "label"}) if r.data.params.get("data.source") == str(source)]
+    metrics = label_run.data.metrics
+    assert (metrics["rows"], metrics["quarantined_rows"], metrics["pairs"]) == (61, 1, 30)
+    assert metrics["agreement/multi_annotator_items"] == 30
+    assert metrics["agreement/mean_pairwise_agreement"] == pytest.approx(1.0)  # the two annotators agree on order
+    pairs = [json.loads(line) for line in (root / PATHS["preferences"]).read_text().splitlines()]
+    assert len(pairs) == 30 and all(p["chosen"] != p["rejected"] for p in pairs)
+    quarantine = [json.loads(line) for line in (root / "data/preferences/quarantine.jsonl").read_text().splitlines()]
+    assert [(q["row"], q["field"]) for q in quarantine] == [(62, "rating")]
+    (reward_run,) = [r for r in _runs(root, **{"rlhf.stage": "reward"}) if r.data.tags["mlflow.parentRunId"] == outcome["parent_run_id"]]
+    assert reward_run.data.tags["data.preferences.md5"] == lock_hashes(root)[PATHS["preferences"]]

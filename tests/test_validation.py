@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pandas as pd
 import pytest
 
 from components.validation import (
+    CONTRADICTIONS,
+    DUPLICATES,
     PREFERENCE_COLUMNS,
     PreferenceValidationError,
     ValidationReport,
+    build_data_docs,
+    validate_labels,
     validate_preferences,
 )
 
@@ -138,11 +141,48 @@ def test_mostly_tolerates_a_minority_of_bad_rows():
     assert report.failures == []
 
 
-def test_three_thousand_rows_validate_quickly():
-    rows = [pair(i) for i in range(3000)]
-    validate_preferences(rows[:5])  # GX builds its registries on first use
-    start = time.perf_counter()
-    report = validate_preferences(rows)
-    elapsed = time.perf_counter() - start
-    assert report.success is True and report.n_rows == 3000
-    assert elapsed < 2.0, f"validation of 3000 rows took {elapsed:.2f}s"
+def labels() -> list[dict]:
+    return [
+        {"item": "x/a1", "label": "A"},
+        {"item": "x/a2", "label": "B"},  # another annotator disagreeing: not a contradiction
+        {"item": "x/a1", "label": "A"},  # the same label again
+        {"item": "y/a1", "label": "C"},
+        {"item": "y/a1", "label": "D"},  # the same annotator both ways
+        {"item": "y/a1", "label": "C"},
+    ]
+
+
+def test_labels_suite_flags_later_duplicates_and_every_contradicting_row():
+    report = validate_labels(labels(), source="votes.jsonl")
+    assert report.success is False
+    assert failures_by_key(report) == {
+        ("expect_column_values_to_be_in_set", DUPLICATES): [2, 5],
+        ("expect_column_values_to_be_in_set", CONTRADICTIONS): [3, 4, 5],
+    }
+    assert report.flagged == {DUPLICATES: [2, 5], CONTRADICTIONS: [3, 4, 5]}
+    assert "votes.jsonl: a label repeats an earlier identical label of the same item in rows 2, 5." in report.summary()
+    assert "votes.jsonl: labels of the same item contradict each other in rows 3, 4, 5." in report.summary()
+
+
+def test_labels_suite_mostly_passes_but_still_flags_the_rows():
+    report = validate_labels(labels(), mostly=0.4)
+    assert report.success is True and report.failures == []
+    assert report.flagged == {DUPLICATES: [2, 5], CONTRADICTIONS: [3, 4, 5]}
+    assert validate_labels([{"item": i, "label": "A"} for i in "abc"]).flagged == {}
+
+
+def test_labels_suite_needs_its_columns():
+    with pytest.raises(ValueError, match="validate_labels needs column 'label'"):
+        validate_labels([{"item": "x"}])
+
+
+def test_data_docs_are_written_for_both_suites(tmp_path):
+    docs = tmp_path / "data_docs"
+    validate_labels(labels(), docs_dir=docs)
+    validate_preferences(bad_rows(), docs_dir=docs)
+    assert not (docs / "index.html").exists()
+    assert build_data_docs(docs) == (docs / "index.html").resolve()
+    index = (docs / "index.html").read_text()
+    assert "labels" in index and "preferences" in index
+    assert len(list((docs / "validations").rglob("*.html"))) == 2
+    assert (docs / "gx" / "great_expectations.yml").is_file()
