@@ -45,7 +45,7 @@ STAGES = (
     Stage("sft", ("seed", "sft", "base"), ("corpus", "base"), ("demonstrations", "sft")),
     Stage("collect", ("seed", "collect", "sampling"), ("prompts", "sft"), ("samples",)),
     Stage("label", ("seed", "annotators", "data"), ("samples",), ("preferences",)),
-    Stage("validate", ("data",), ("preferences",), (), ("validation",)),
+    Stage("validate", ("data", "base"), ("preferences", "sft"), (), ("validation",)),
     Stage("reward", ("seed", "reward", "base"), ("preferences", "validation", "sft"), ("reward",)),
     Stage("ppo", ("seed", "ppo", "sampling", "base"), ("prompts", "sft", "reward"), ("policy",)),
     Stage("evaluate", ("seed", "eval", "sampling"), ("prompts", "sft", "reward", "policy"), ("completions",), ("eval_metrics",)),
@@ -97,6 +97,7 @@ class StageResult(BaseModel):
     metrics: dict[str, float] = {}
     run_id: str | None = None
     model_uri: str | None = None
+    report: str | None = None  # markdown published as a Prefect artifact
 
     def intact(self) -> bool:
         return all(artifact.intact() for artifact in self.outputs.values())

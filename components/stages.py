@@ -13,7 +13,7 @@ import copy
 import random
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import mlflow
 import torch
@@ -23,6 +23,14 @@ from components import (
 )
 from components.config import PipelineConfig
 from components.layout import PATHS, STAGE_BY_NAME, Artifact, StageResult, read_jsonl, write_json, write_jsonl
+
+
+class Outcome(NamedTuple):
+    """What a stage implementation returns: summary metrics, the logged model, a report to publish."""
+
+    metrics: dict
+    model_uri: str | None = None
+    report: str | None = None
 
 
 class StageError(RuntimeError):
@@ -41,7 +49,7 @@ def _prompts(root: str, split: str) -> list[str]:
     return [row["prompt"] for row in read_jsonl(_path(root, "prompts")) if row["split"] == split]
 
 
-def build_world(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+def build_world(cfg: PipelineConfig, root: str, log) -> Outcome:
     reviews = world.generate_reviews(
         cfg.world.n_reviews, cfg.world.eval_fraction, cfg.world.low_quality_fraction, cfg.seed
     )
@@ -56,10 +64,10 @@ def build_world(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
         "eval_prompts": sum(s == "eval" for s in prompts.values()),
         "low_quality_share": sum(r.low_quality for r in reviews) / len(reviews),
     }
-    return metrics, None
+    return Outcome(metrics)
 
 
-def pretrain(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+def pretrain(cfg: PipelineConfig, root: str, log) -> Outcome:
     base = cfg.base
     if base.pretrained:
         try:
@@ -77,10 +85,10 @@ def pretrain(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
         metrics = sft.train(model, tokenizer, demos, base.max_length, base.epochs, base.batch_size, base.lr, cfg.seed, log)
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
     lm.save_policy(model, tokenizer, _path(root, "base"))
-    return metrics, tracking.log_transformers_model(model, tokenizer, "text-generation", "Base language model")
+    return Outcome(metrics, tracking.log_transformers_model(model, tokenizer, "text-generation", "Base language model"))
 
 
-def supervised_fine_tune(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+def supervised_fine_tune(cfg: PipelineConfig, root: str, log) -> Outcome:
     k = cfg.world.prompt_words
     candidates = [
         sft.Demonstration(r.prompt(k), r.completion(k)) for r in _reviews(root) if r.split == "train"
@@ -96,10 +104,10 @@ def supervised_fine_tune(cfg: PipelineConfig, root: str, log) -> tuple[dict, str
     )
     metrics.update({"demonstrations": len(demos), **{f"dropped_{k}": v for k, v in dropped.items()}})
     lm.save_policy(model, tokenizer, _path(root, "sft"))
-    return metrics, tracking.log_transformers_model(model, tokenizer, "text-generation", "SFT policy")
+    return Outcome(metrics, tracking.log_transformers_model(model, tokenizer, "text-generation", "SFT policy"))
 
 
-def collect(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+def collect(cfg: PipelineConfig, root: str, log) -> Outcome:
     prompts = _prompts(root, "train")
     chosen = random.Random(cfg.seed).sample(prompts, k=min(cfg.collect.n_prompts, len(prompts)))
     model, tokenizer = lm.load_policy(_path(root, "sft"))
@@ -109,12 +117,12 @@ def collect(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
         _path(root, "samples"),
         [{"prompt": p, "completion": c, "ended_with_eos": e, "policy": "sft"} for p, c, e in rows],
     )
-    return {"prompts": len(chosen), "samples": len(rows), "eos_rate": sum(e for _, _, e in rows) / len(rows)}, None
+    return Outcome({"prompts": len(chosen), "samples": len(rows), "eos_rate": sum(e for _, _, e in rows) / len(rows)})
 
 
-def label(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+def label(cfg: PipelineConfig, root: str, log) -> Outcome:
     if cfg.data.source:
-        return ingest_preferences(cfg, root), None
+        return Outcome(ingest_preferences(cfg, root))
     by_prompt: dict[str, list[annotators.Sample]] = collections.defaultdict(list)
     for row in read_jsonl(_path(root, "samples")):
         score = gold.gold_reward(row["prompt"], row["completion"], row["ended_with_eos"])
@@ -123,7 +131,7 @@ def label(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
         by_prompt, cfg.annotators.n_annotators, cfg.annotators.target_agreement, cfg.seed
     )
     write_jsonl(_path(root, "preferences"), annotators.as_rows(labels))
-    return stats, None
+    return Outcome(stats)
 
 
 def ingest_preferences(cfg: PipelineConfig, root: str) -> dict:
@@ -144,19 +152,36 @@ def ingest_preferences(cfg: PipelineConfig, root: str) -> dict:
     return {**counts, **{f"agreement/{key}": value for key, value in result.report["agreement"].items()}}
 
 
-def validate(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+def _pair_tokens(tokenizer, rows: list[dict]) -> list[int]:
+    """Tokens (EOS included) of the longer of prompt + chosen and prompt + rejected, row by row;
+    missing fields count as empty, the suite reports them."""
+
+    def count(key: str) -> list[int]:
+        texts = [f"{row.get('prompt') or ''}{row.get(key) or ''}" for row in rows]
+        return [len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if rows else []
+
+    return [max(chosen, rejected) for chosen, rejected in zip(count("chosen"), count("rejected"))]
+
+
+def validate(cfg: PipelineConfig, root: str, log) -> Outcome:
+    """The GX suite on the preference set, with token lengths measured by the policy's tokenizer."""
     source = _path(root, "preferences")
+    rows = read_jsonl(source)
+    _, tokenizer = lm.load_policy(_path(root, "sft"))
+    docs = source.parent / "data_docs"
     report = validation.validate_preferences(
-        read_jsonl(source), cfg.data.mostly, cfg.data.max_chars, source=str(source)
+        rows, cfg.data.mostly, cfg.data.max_chars, str(source), docs, _pair_tokens(tokenizer, rows), cfg.base.max_length
     )
+    validation.build_data_docs(docs)
+    mlflow.log_artifacts(str(docs), "data_docs")
     write_json(_path(root, "validation"), report.to_dict())
-    mlflow.log_dict(report.to_dict(), "validation_report.json")
     if not report.success:
         raise StageError(report.summary())
-    return {"rows": report.n_rows, "failed_expectations": len(report.failures)}, None
+    metrics = {"rows": report.n_rows, "failed_expectations": len(report.failures)}
+    return Outcome(metrics, report=f"## Preference validation\n\n```\n{report.summary()}\n```")
 
 
-def train_reward_model(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+def train_reward_model(cfg: PipelineConfig, root: str, log) -> Outcome:
     pairs = [reward_model.Pair(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(_path(root, "preferences"))]
     random.Random(cfg.seed).shuffle(pairs)
     n_eval = max(1, int(len(pairs) * cfg.reward.eval_fraction))
@@ -169,10 +194,10 @@ def train_reward_model(cfg: PipelineConfig, root: str, log) -> tuple[dict, str |
     metrics["eval_accuracy"] = reward_model.accuracy(model, tokenizer, eval_pairs)
     model.save_pretrained(str(_path(root, "reward")), safe_serialization=True)
     tokenizer.save_pretrained(str(_path(root, "reward")))
-    return metrics, tracking.log_transformers_model(model, tokenizer, "text-classification", "Reward model (Bradley-Terry)")
+    return Outcome(metrics, tracking.log_transformers_model(model, tokenizer, "text-classification", "Reward model (Bradley-Terry)"))
 
 
-def train_ppo(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+def train_ppo(cfg: PipelineConfig, root: str, log) -> Outcome:
     policy, tokenizer = lm.load_policy(_path(root, "sft"))
     ref_policy = copy.deepcopy(policy)
     critic = reward_model.load(_path(root, "reward"))
@@ -182,10 +207,10 @@ def train_ppo(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
         log, gold_reward=gold.gold_reward,
     )
     lm.save_policy(policy, tokenizer, _path(root, "policy"))
-    return metrics, tracking.log_transformers_model(policy, tokenizer, "text-generation", "PPO policy")
+    return Outcome(metrics, tracking.log_transformers_model(policy, tokenizer, "text-generation", "PPO policy"))
 
 
-def evaluate(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
+def evaluate(cfg: PipelineConfig, root: str, log) -> Outcome:
     policy, tokenizer = lm.load_policy(_path(root, "policy"))
     sft_policy, _ = lm.load_policy(_path(root, "sft"))
     reward = reward_model.load(_path(root, "reward"))
@@ -193,10 +218,10 @@ def evaluate(cfg: PipelineConfig, root: str, log) -> tuple[dict, str | None]:
     metrics, rows = evaluation.evaluate(policy, sft_policy, reward, tokenizer, prompts, cfg.sampling, cfg.seed + 1)
     write_jsonl(_path(root, "completions"), rows)
     write_json(_path(root, "eval_metrics"), metrics)
-    return metrics, None
+    return Outcome(metrics)
 
 
-IMPLEMENTATIONS: dict[str, Callable[[PipelineConfig, str, Callable], tuple[dict, str | None]]] = {
+IMPLEMENTATIONS: dict[str, Callable[[PipelineConfig, str, Callable], Outcome]] = {
     "world": build_world,
     "pretrain": pretrain,
     "sft": supervised_fine_tune,
@@ -227,14 +252,15 @@ def run_stage(name: str, cfg: PipelineConfig, root: str | Path, parent_run_id: s
     tracking.configure(root, cfg.experiment)
     torch.manual_seed(cfg.seed)
     with tracking.stage_run(name, stage_params(cfg, name), inputs, parent_run_id) as run:
-        metrics, model_uri = IMPLEMENTATIONS[name](cfg, root, tracking.metric_logger("train"))
+        outcome = IMPLEMENTATIONS[name](cfg, root, tracking.metric_logger("train"))
         outputs = [Artifact.of(root, key) for key in stage.outs + stage.metrics]
-        mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
+        mlflow.log_metrics({key: float(value) for key, value in outcome.metrics.items()})
         tracking.log_outputs(outputs)
     return StageResult(
         stage=name,
         outputs={a.name: a for a in outputs},
-        metrics={k: float(v) for k, v in metrics.items()},
+        metrics={k: float(v) for k, v in outcome.metrics.items()},
         run_id=run.info.run_id,
-        model_uri=model_uri,
+        model_uri=outcome.model_uri,
+        report=outcome.report,
     )

@@ -103,17 +103,19 @@ def register(model_uri: str, name: str, alias: str | None, tags: dict) -> int:
     return int(version.version)
 
 
-def log_ingest(root: str | Path, experiment: str, report: dict, version: dict | None) -> str:
-    """One MLflow run for an `rlhf data ingest`: counts, agreement statistics, the dataset's hash."""
+def log_ingest(root: str | Path, experiment: str, out: str | Path, report: dict, version: dict | None) -> str:
+    """One MLflow run for an `rlhf data ingest`: counts, agreement statistics, the dataset's hash
+    and the validation's Data Docs."""
     configure(root, experiment)
     tags = {STAGE_TAG: "ingest", "data.source": report["source"]}
     if version:
-        tags[f"data.{version['path']}.md5"] = version["md5"]
+        tags.update({f"data.{path}.md5": md5 for path, md5 in version["md5"].items()})
     with mlflow.start_run(run_name="ingest", tags=tags) as run:
         mlflow.log_params(flatten({"data": report["config"]}))
         counts = {key: report[key] for key in ("rows", "valid_rows", "quarantined_rows", "labels", "pairs")}
         mlflow.log_metrics({**counts, **{f"agreement/{k}": v for k, v in report["agreement"].items()}})
         mlflow.log_dict(report, "ingest_report.json")
+        mlflow.log_artifacts(str(Path(out) / "data_docs"), "data_docs")
     return run.info.run_id
 
 

@@ -55,8 +55,11 @@ _DIFFERS = "chosen_differs_from_rejected"
 # are keys of ValidationReport.flagged, from which callers quarantine rows.
 DUPLICATES = "first_copy_of_its_label"
 CONTRADICTIONS = "agrees_with_its_item"
+# Token counts come from the caller's tokenizer: the longer of prompt + chosen and prompt + rejected.
+TOKENS = "n_tokens"
 _DERIVED_MESSAGES = {
     _DIFFERS: "columns 'chosen' and 'rejected' are identical in {where}.",
+    TOKENS: "prompt + response has more tokens than the model's context in {where}.",
     DUPLICATES: "a label repeats an earlier identical label of the same item in {where}.",
     CONTRADICTIONS: "labels of the same item contradict each other in {where}.",
 }
@@ -96,7 +99,9 @@ class PreferenceValidationError(ValueError):
         self.report = report
 
 
-def _preference_expectations(columns: set[str], mostly: float, max_chars: int) -> list[gxe.Expectation]:
+def _preference_expectations(
+    columns: set[str], mostly: float, max_chars: int, max_tokens: int | None
+) -> list[gxe.Expectation]:
     suite: list[gxe.Expectation] = [gxe.ExpectTableRowCountToBeBetween(min_value=1)]
     suite += [gxe.ExpectColumnToExist(column=column) for column in PREFERENCE_COLUMNS]
     # A check on a missing column would only repeat the missing-column failure, so it is skipped
@@ -111,6 +116,8 @@ def _preference_expectations(columns: set[str], mostly: float, max_chars: int) -
         suite.append(gxe.ExpectColumnValuesToBeInSet(column=_DIFFERS, value_set=[True], mostly=mostly))
     if "pair_id" in columns:
         suite.append(gxe.ExpectColumnValuesToBeUnique(column="pair_id", mostly=mostly))
+    if TOKENS in columns:
+        suite.append(gxe.ExpectColumnValuesToBeBetween(column=TOKENS, max_value=max_tokens, mostly=mostly))
     return suite
 
 
@@ -208,15 +215,20 @@ def validate_preferences(
     max_chars: int = 4000,
     source: str = "preferences",
     docs_dir: str | Path | None = None,
+    token_counts: list[int] | None = None,
+    max_tokens: int | None = None,
 ) -> ValidationReport:
     """Validate preference pairs (a list of dicts or a DataFrame) and report every failure.
 
-    Never raises on bad data: the caller decides, e.g. `raise PreferenceValidationError(report)`.
+    With `token_counts` (one per row, from the model's tokenizer) rows longer than `max_tokens`
+    fail too. Never raises on bad data: the caller decides, e.g. `raise PreferenceValidationError(report)`.
     """
     frame = _frame(rows)
     if {"chosen", "rejected"} <= set(frame.columns):
         frame[_DIFFERS] = frame["chosen"] != frame["rejected"]
-    expectations = _preference_expectations(set(frame.columns), mostly, max_chars)
+    if token_counts is not None:
+        frame[TOKENS] = token_counts
+    expectations = _preference_expectations(set(frame.columns), mostly, max_chars, max_tokens)
     return _validate(frame, "preferences", expectations, max_chars, source, docs_dir)
 
 

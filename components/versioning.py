@@ -41,22 +41,24 @@ def dvc_root(path: str | Path) -> Path | None:
     return None
 
 
-def track(path: str | Path) -> dict | None:
-    """`dvc add` a dataset folder and push it to the default remote; None outside a DVC repo.
+def track(files: list[Path]) -> dict | None:
+    """`dvc add` dataset files and push them to the default remote; None outside a DVC repo.
 
-    The same content always gets the same md5, so ingesting a source twice adds no new version.
+    Returns {"md5": {relative path: md5}, "pushed": n}. Only deterministic files belong here
+    (not Data Docs, which carry run times): the same content always gets the same md5, so
+    ingesting a source twice adds no new version.
     """
-    root = dvc_root(path)
+    root = dvc_root(files[0])
     if root is None:
-        log.warning("%s is not inside a DVC repository: the dataset is not versioned", path)
+        log.warning("%s is not inside a DVC repository: the dataset is not versioned", files[0])
         return None
     from dvc.repo import Repo
 
-    relative = Path(path).resolve().relative_to(root)
+    targets = [str(Path(f).resolve().relative_to(root)) for f in files]
     with contextlib.chdir(root), Repo(".") as repo:
-        (stage,) = repo.add(str(relative))
-        pushed = repo.push([str(relative)]) if repo.config["core"].get("remote") else 0
-    return {"path": str(relative), "md5": stage.outs[0].hash_info.value, "pushed": pushed}
+        stages = repo.add(targets)
+        pushed = repo.push(targets) if repo.config["core"].get("remote") else 0
+    return {"md5": {target: stage.outs[0].hash_info.value for target, stage in zip(targets, stages)}, "pushed": pushed}
 
 
 def lock_hashes(root: str | Path) -> dict[str, str]:

@@ -91,10 +91,13 @@ def _data(args, cfg: PipelineConfig) -> int:
     from components.tracking import log_ingest
     from components.versioning import track
 
-    version = track(args.out)
+    out = Path(args.out)
+    version = track([out / name for name in ("pairs.jsonl", "quarantine.jsonl", "report.json")])
     if version:
-        print(f"DVC: {version['path']} md5 {version['md5']}, {version['pushed']} files pushed")
-    print(f"MLflow run: {log_ingest(args.root, cfg.experiment, report, version)}")
+        for path, md5 in version["md5"].items():
+            print(f"DVC: {path} md5 {md5}")
+        print(f"DVC: {version['pushed']} files pushed to the default remote")
+    print(f"MLflow run: {log_ingest(args.root, cfg.experiment, args.out, report, version)}")
     return 0
 
 

@@ -50,12 +50,15 @@ def stage_task(
     name: str, cfg: PipelineConfig, root: str, upstream: list[StageResult], parent_run_id: str | None = None
 ) -> StageResult:
     try:
-        return run_stage(name, cfg, root, parent_run_id)
+        result = run_stage(name, cfg, root, parent_run_id)
     except StageError as error:
         create_markdown_artifact(
             key=f"{name}-failure", markdown=f"## Stage `{name}` failed\n\n```\n{error}\n```", description=str(error)[:200]
         )
         raise
+    if result.report:
+        create_markdown_artifact(key=f"{name}-report", markdown=result.report, description=f"stage {name}")
+    return result
 
 
 def run(name: str, cfg: PipelineConfig, root: str, upstream: list[StageResult], parent_run_id: str | None) -> StageResult:

@@ -4,6 +4,7 @@ dvc.yaml runs, and a bad preference set stops the pipeline with a report naming 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,19 @@ from pathlib import Path
 import pytest
 import yaml
 
+from components import lm
 from components.layout import PATHS, STAGES, write_jsonl
 from flows.cli import main
 from tests.conftest import REPO
 
 RLHF = str(Path(sys.executable).parent / "rlhf")
+
+
+def rlhf(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """The console script in a child process, with MLflow's default store: this process's
+    mlflow.set_tracking_uri calls leave MLFLOW_TRACKING_URI in the environment a child inherits."""
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([RLHF, *args], cwd=cwd, capture_output=True, text=True, env=env)
 
 
 @pytest.mark.parametrize(
@@ -56,9 +65,7 @@ def test_params_yaml_is_the_complete_default_configuration():
 
 
 def test_stage_entry_point_writes_its_outputs(project):
-    result = subprocess.run(
-        [RLHF, "stage", "world", "--set", "world.n_reviews=200"], cwd=project, capture_output=True, text=True
-    )
+    result = rlhf("stage", "world", "--set", "world.n_reviews=200", cwd=project)
     assert result.returncode == 0, result.stderr
     assert "reviews: 200.0000" in result.stdout
     rows = [json.loads(line) for line in (project / PATHS["prompts"]).read_text().splitlines()]
@@ -71,13 +78,46 @@ def test_stage_without_its_inputs_names_the_missing_file(project, capsys):
 
 
 def test_bad_preference_set_fails_validation_with_rows_named(project, capsys):
+    # the validate stage counts tokens with the SFT policy's tokenizer: a tiny one stands in
+    texts = ["The X: I liked it.", "The X: I hated it.", "a b c d e f g h"]
+    tokenizer = lm.train_tokenizer(texts, 300)
+    lm.save_policy(lm.build_model(tokenizer, 1, 1, 8, 32), tokenizer, project / PATHS["sft"])
     good = {"pair_id": "a", "prompt": "The X: I", "chosen": " liked it.", "rejected": " hated it.",
             "annotator": "simulated-0", "source": "simulated"}
-    rows = [good, {**good, "pair_id": "b", "rejected": good["chosen"]}, {**good, "pair_id": "c", "chosen": ""}]
+    rows = [good, {**good, "pair_id": "b", "rejected": good["chosen"]}, {**good, "pair_id": "c", "chosen": ""},
+            {**good, "pair_id": "d", "chosen": " liked it" + " a lot" * 40 + "."}]
     write_jsonl(project / PATHS["preferences"], rows)
-    assert main(["stage", "validate", "--root", str(project)]) == 1
+    assert main(["stage", "validate", "--root", str(project), "--set", "base.max_length=32"]) == 1
     err = capsys.readouterr().err
-    assert "pairs.jsonl: 3 rows" in err
-    assert "row 1" in err and "row 2" in err
+    assert "pairs.jsonl: 4 rows, 3 expectations failed" in err
+    assert "'chosen' and 'rejected' are identical in row 1." in err
+    assert "column 'chosen' is empty or longer than 20000 characters in row 2." in err
+    assert "more tokens than the model's context in row 3." in err
     report = json.loads((project / PATHS["validation"]).read_text())
-    assert report["success"] is False and report["n_rows"] == 3
+    assert report["success"] is False and report["n_rows"] == 4
+    assert (project / "data" / "preferences" / "data_docs" / "index.html").is_file()
+
+
+def test_ingested_dataset_is_dvc_tracked_pushed_and_recorded_in_mlflow(project):
+    import mlflow
+
+    source = project.parent / "pairs.jsonl"
+    rows = [{"prompt": f"The X{i}: I", "chosen": " liked it.", "rejected": " hated it.", "annotator": "a"} for i in range(5)]
+    write_jsonl(source, rows)
+    out = project / "data" / "external"
+    command = ["data", "ingest", str(source), "--out", str(out), "--format", "pairs"]
+    first = rlhf(*command, cwd=project)
+    assert first.returncode == 0, first.stderr
+    tracked = yaml.safe_load((out / "pairs.jsonl.dvc").read_text())["outs"][0]
+    assert f"DVC: data/external/pairs.jsonl md5 {tracked['md5']}" in first.stdout
+    second = rlhf(*command, cwd=project)
+    assert second.returncode == 0 and f"pairs.jsonl md5 {tracked['md5']}" in second.stdout  # same source, same version
+    assert len((out / "pairs.jsonl").read_text().splitlines()) == 5
+    remote_files = [p for p in (project.parent / "dvc-remote").rglob("*") if p.is_file()]
+    assert len(remote_files) == 3  # pairs, quarantine (empty) and report, pushed once
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("rlhf-pipeline")
+    runs = client.search_runs([experiment.experiment_id], "tags.`rlhf.stage` = 'ingest'")
+    assert len(runs) == 2
+    assert {r.data.tags["data.data/external/pairs.jsonl.md5"] for r in runs} == {tracked["md5"]}
+    assert runs[0].data.metrics["pairs"] == 5
