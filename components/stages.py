@@ -22,7 +22,9 @@ from components import (
     annotators, evaluation, gold, lm, ppo, preferences, reward_model, sft, tracking, validation, world,
 )
 from components.config import PipelineConfig
-from components.layout import PATHS, STAGE_BY_NAME, Artifact, StageResult, read_jsonl, write_json, write_jsonl
+from components.layout import (
+    PATHS, STAGE_BY_NAME, Artifact, StageResult, content_hash, read_jsonl, write_json, write_jsonl,
+)
 
 
 class Outcome(NamedTuple):
@@ -234,6 +236,17 @@ IMPLEMENTATIONS: dict[str, Callable[[PipelineConfig, str, Callable], Outcome]] =
 }
 
 
+def config_inputs(name: str, cfg: PipelineConfig) -> list[Artifact]:
+    """Local files the configuration points a stage at (a preference set to ingest, a pretrained
+    model folder): inputs like the upstream outputs, so their content hash keys the cache too."""
+    setting, path = {"label": ("data.source", cfg.data.source), "pretrain": ("base.pretrained", cfg.base.pretrained)}.get(
+        name, (None, None)
+    )
+    if not path or not Path(path).exists():
+        return []  # none, or a hub id: its revision is the hub's business
+    return [Artifact(name=setting, path=str(Path(path).resolve()), md5=content_hash(path))]
+
+
 def stage_params(cfg: PipelineConfig, name: str) -> dict:
     """The slice of the configuration a stage reads (what dvc.yaml lists as its params)."""
     dumped = cfg.model_dump()
@@ -243,7 +256,7 @@ def stage_params(cfg: PipelineConfig, name: str) -> dict:
 def run_stage(name: str, cfg: PipelineConfig, root: str | Path, parent_run_id: str | None = None) -> StageResult:
     """Run one stage under `root`, recorded as an MLflow run; returns its outputs and metrics."""
     stage, root = STAGE_BY_NAME[name], str(root)
-    inputs = []
+    inputs = config_inputs(name, cfg)
     for dep in stage.deps:
         try:
             inputs.append(Artifact.of(root, dep))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
@@ -49,7 +50,8 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig(), root: str = ".") ->
         pipeline.log_metrics(metrics)
         pipeline.set_tags({f"data.{a.name}.md5": a.md5 for r in results.values() for a in r.outputs.values()})
         promotion = promote_task(
-            results["ppo"].model_uri, results["ppo"].outputs["policy"].md5, metrics, config.promotion
+            results["ppo"].model_uri, results["ppo"].outputs["policy"].md5, metrics, config.promotion,
+            registry_uri=mlflow.get_registry_uri(),
         )
         pipeline.set_tags({"rlhf.registered_version": promotion["version"], "rlhf.champion": promotion["champion"]})
         rows = summary_rows(metrics, promotion)

@@ -1,7 +1,7 @@
 """One Prefect task per pipeline stage, cached by what the stage depends on.
 
 A stage's cache key hashes its name, the configuration slice it reads, the content hashes of
-the datasets and models it consumes, and the library's code version: a re-run skips a stage
+the datasets and models it consumes (files named in the configuration too), and the library's code version: a re-run skips a stage
 exactly when none of these changed. A cached result whose outputs were deleted or modified on
 disk is recomputed (`run`).
 """
@@ -13,13 +13,13 @@ from typing import Any, Optional
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import CachePolicy
+from prefect.cache_policies import INPUTS, CachePolicy
 from prefect.utilities.hashing import hash_objects
 
 from components import promotion
 from components.config import PipelineConfig, PromotionConfig
 from components.layout import STAGE_BY_NAME, StageResult, code_version
-from components.stages import StageError, run_stage, stage_params
+from components.stages import StageError, config_inputs, run_stage, stage_params
 
 
 @dataclass
@@ -34,6 +34,7 @@ class StageInputs(CachePolicy):
             for artifact in result.outputs.values()
             if artifact.name in STAGE_BY_NAME[name].deps
         }
+        consumed.update({artifact.name: artifact.md5 for artifact in config_inputs(name, cfg)})
         return hash_objects(
             {
                 "stage": name,
@@ -70,8 +71,9 @@ def run(name: str, cfg: PipelineConfig, root: str, upstream: list[StageResult], 
     return result
 
 
-@task(cache_key_fn=lambda ctx, inputs: hash_objects([inputs["policy_md5"], inputs["metrics"], inputs["cfg"].model_dump()]),
-      persist_result=True)
-def promote_task(model_uri: str, policy_md5: str, metrics: dict[str, float], cfg: PromotionConfig) -> dict:
-    """Register the policy once per policy version and gate the `champion` alias on evaluation."""
+@task(cache_policy=INPUTS - "model_uri", persist_result=True)
+def promote_task(
+    model_uri: str, policy_md5: str, metrics: dict[str, float], cfg: PromotionConfig, registry_uri: str
+) -> dict:
+    """Register the policy once per policy version and registry; gate `champion` on evaluation."""
     return promotion.promote(model_uri, metrics, cfg)

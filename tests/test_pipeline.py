@@ -3,6 +3,7 @@ store and registry, and a real DVC repository in a temp dir."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 
@@ -139,3 +140,10 @@ def test_pipeline_starts_from_an_ingested_external_set(pipeline_run, tmp_path):
     assert [(q["row"], q["field"]) for q in quarantine] == [(62, "rating")]
     (reward_run,) = [r for r in _runs(root, **{"rlhf.stage": "reward"}) if r.data.tags["mlflow.parentRunId"] == outcome["parent_run_id"]]
     assert reward_run.data.tags["data.preferences.md5"] == lock_hashes(root)[PATHS["preferences"]]
+    assert label_run.data.tags["data.data.source.md5"] == hashlib.md5(source.read_bytes()).hexdigest()
+
+    # the source's content keys the cache: an edited file is ingested again under the same name
+    source.write_text("\n".join(rows[:-1]) + "\n")  # the bad row fixed by removing it
+    rlhf_pipeline(config=external, root=str(root))
+    labels = [r for r in _runs(root, **{"rlhf.stage": "label"}) if r.data.params.get("data.source") == str(source)]
+    assert sorted(r.data.metrics["quarantined_rows"] for r in labels) == [0, 1]
