@@ -151,7 +151,8 @@ def make_rollout(tokenizer, prompts: list[str], completions: list[str], ended_wi
 def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float) -> Rollout:
     """Sample one response per prompt with the KV cache; tokens after the first EOS are padding."""
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
-    room = model.config.n_positions - prompt_ids.shape[1] if hasattr(model.config, "n_positions") else max_new_tokens
+    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+    room = context - prompt_ids.shape[1] if context else max_new_tokens
     output = model.generate(
         input_ids=prompt_ids,
         attention_mask=prompt_mask,
