@@ -91,14 +91,6 @@ class ValidationReport:
         return asdict(self)
 
 
-class PreferenceValidationError(ValueError):
-    """A preference set that failed validation; `.report` says where."""
-
-    def __init__(self, report: ValidationReport):
-        super().__init__(report.summary())
-        self.report = report
-
-
 def _preference_expectations(
     columns: set[str], mostly: float, max_chars: int, max_tokens: int | None
 ) -> list[gxe.Expectation]:
@@ -221,7 +213,7 @@ def validate_preferences(
     """Validate preference pairs (a list of dicts or a DataFrame) and report every failure.
 
     With `token_counts` (one per row, from the model's tokenizer) rows longer than `max_tokens`
-    fail too. Never raises on bad data: the caller decides, e.g. `raise PreferenceValidationError(report)`.
+    fail too. Never raises on bad data: the caller decides what a failed report means.
     """
     frame = _frame(rows)
     if {"chosen", "rejected"} <= set(frame.columns):

@@ -59,11 +59,3 @@ def track(files: list[Path]) -> dict | None:
         stages = repo.add(targets)
         pushed = repo.push(targets) if repo.config["core"].get("remote") else 0
     return {"md5": {target: stage.outs[0].hash_info.value for target, stage in zip(targets, stages)}, "pushed": pushed}
-
-
-def lock_hashes(root: str | Path) -> dict[str, str]:
-    """path -> md5 of every stage output recorded in dvc.lock."""
-    import yaml
-
-    lock = yaml.safe_load((Path(root) / "dvc.lock").read_text())
-    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}

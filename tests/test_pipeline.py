@@ -9,10 +9,10 @@ import math
 
 import mlflow
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from components.layout import PATHS, STAGES
-from components.versioning import lock_hashes
 
 EVAL_METRICS = {
     "eval/gold_win_rate_vs_sft", "eval/proxy_win_rate_vs_sft", "eval/kl_to_sft", "eval/gold_reward_mean",
@@ -30,6 +30,12 @@ def pipeline_run(tmp_path_factory, prefect_api):
     cfg = load_config(REPO / "params.yaml", TINY)
     outcome = rlhf_pipeline(config=cfg, root=str(root))
     return root, cfg, outcome
+
+
+def lock_hashes(root) -> dict[str, str]:
+    """path -> md5 of every stage output recorded in dvc.lock."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
 
 
 def _runs(root, **filters) -> list:
