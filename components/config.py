@@ -130,7 +130,11 @@ class PPOConfig(Section):
     minibatch_size: int = Field(16, ge=1)
     ppo_epochs: int = Field(4, ge=1, description="passes over each rollout")
     lr: float = Field(5e-5, gt=0)
-    kl_coef: float = Field(0.1, ge=0, description="beta of the per-token KL penalty")
+    kl_coef: float = Field(0.1, ge=0, description="beta of the per-token KL penalty (its start when adaptive)")
+    kl_target: float | None = Field(
+        None, gt=0, description="sequence KL the adaptive controller steers beta towards; None keeps beta fixed"
+    )
+    kl_horizon: int = Field(10000, ge=1, description="adaptive controller horizon in samples (Ziegler et al. 2019)")
     kl_estimator: Literal["k1", "k3"] = "k1"
     gamma: float = Field(1.0, ge=0, le=1)
     lam: float = Field(0.95, ge=0, le=1)

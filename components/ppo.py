@@ -52,6 +52,31 @@ def kl_per_token(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: 
     raise ValueError(f"unknown KL estimator {estimator!r}")
 
 
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, section 2.2):
+
+        e_t = clip((KL_t - KL_target) / KL_target, -0.2, 0.2)
+        beta_{t+1} = beta_t * (1 + e_t * n_t / horizon)
+
+    where KL_t is the mean sequence KL of the rollout and n_t its number of samples.
+    """
+
+    def __init__(self, kl_coef: float, target: float, horizon: int):
+        self.value, self.target, self.horizon = kl_coef, target, horizon
+
+    def update(self, kl: float, n_samples: int) -> None:
+        error = min(max((kl - self.target) / self.target, -0.2), 0.2)
+        self.value *= 1 + error * n_samples / self.horizon
+
+
+class FixedKLController:
+    def __init__(self, kl_coef: float):
+        self.value = kl_coef
+
+    def update(self, kl: float, n_samples: int) -> None:
+        pass
+
+
 def per_token_rewards(
     scores: torch.Tensor, kl: torch.Tensor, response_mask: torch.Tensor, kl_coef: float
 ) -> torch.Tensor:
@@ -171,6 +196,9 @@ def train(
         [{"params": policy.parameters()}, {"params": critic.parameters()}], lr=cfg.lr, eps=1e-5
     )
     temperature = sampling.temperature
+    kl_controller = (
+        AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else FixedKLController(cfg.kl_coef)
+    )
     metrics: dict = {}
     for step in range(cfg.steps):
         # 1. rollout. Models stay in eval mode throughout: dropout would make the update's
@@ -187,7 +215,8 @@ def train(
 
             # 2. rewards with the per-token KL penalty
             kl = kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
-            rewards = per_token_rewards(scores, kl, mask, cfg.kl_coef)
+            kl_coef = kl_controller.value
+            rewards = per_token_rewards(scores, kl, mask, kl_coef)
             if cfg.whiten_rewards:
                 rewards = masked_whiten(rewards, mask, shift_mean=False) * mask
 
@@ -225,13 +254,14 @@ def train(
         metrics = {
             "score_mean": float(scores.mean()),
             "kl": float(kl.sum(1).mean()),
-            "kl_coef": cfg.kl_coef,
+            "kl_coef": kl_coef,
             "reward_mean": float(rewards.sum(1).mean()),
             "explained_variance": explained_variance(old_values, returns, mask),
             "response_length": float(lengths.mean()),
             "eos_rate": float(eos.mean()),
             **{key: float(np.mean(values)) for key, values in update_stats.items()},
         }
+        kl_controller.update(metrics["kl"], len(batch_prompts))
         if gold_reward is not None:
             metrics["gold_reward_mean"] = float(
                 np.mean([gold_reward(p, c, e) for p, c, e in zip(rollout.prompts, rollout.completions, rollout.ended_with_eos)])

@@ -359,3 +359,35 @@ def test_masked_lm_loss_gradient():
     assert torch.equal(grad[0, 2], torch.zeros(3, dtype=D))
     # row 0 gradient = (softmax - onehot) / 2 = ([1/3, 1/3, 1/3] - [1, 0, 0]) / 2
     assert torch.allclose(grad[0, 0], t([-1 / 3, 1 / 6, 1 / 6]), atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# ppo.AdaptiveKLController
+# --------------------------------------------------------------------------------------------
+
+
+def test_adaptive_kl_controller_moves_beta_towards_its_target():
+    # beta = 0.1, target 6, horizon 10,000, 64 samples a rollout:
+    #   KL 12: e = clip((12 - 6) / 6, -0.2, 0.2) = 0.2   -> beta = 0.1 * (1 + 0.2 * 64 / 10000) = 0.100128
+    #   KL 3:  e = clip((3 - 6) / 6, -0.2, 0.2) = -0.2   -> beta = 0.1 * (1 - 0.2 * 64 / 10000) = 0.099872
+    #   KL 6.6: e = 0.1 (inside the clip)                 -> beta = 0.1 * (1 + 0.1 * 64 / 10000) = 0.100064
+    for kl, expected in ((12.0, 0.100128), (3.0, 0.099872), (6.6, 0.100064)):
+        controller = ppo.AdaptiveKLController(0.1, target=6.0, horizon=10000)
+        controller.update(kl, 64)
+        assert controller.value == pytest.approx(expected, rel=1e-12)
+    # held above the target, beta keeps growing; at the target it stays put
+    controller = ppo.AdaptiveKLController(0.1, target=6.0, horizon=100)
+    values = []
+    for _ in range(5):
+        controller.update(20.0, 10)
+        values.append(controller.value)
+    assert values == sorted(values) and values[-1] == pytest.approx(0.1 * 1.02**5)
+    controller = ppo.AdaptiveKLController(0.1, target=6.0, horizon=100)
+    controller.update(6.0, 10)
+    assert controller.value == 0.1
+
+
+def test_fixed_kl_controller_never_moves():
+    controller = ppo.FixedKLController(0.05)
+    controller.update(100.0, 64)
+    assert controller.value == 0.05
