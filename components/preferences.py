@@ -781,6 +781,12 @@ def ingest(source: str | Path, out: str | Path, cfg: DataConfig = DataConfig()) 
     return IngestResult(pairs, quarantine, report)
 
 
+def report_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """An ingest report's counts and agreement statistics, as flat metrics for MLflow."""
+    counts = {key: report[key] for key in ("rows", "valid_rows", "quarantined_rows", "labels", "pairs")}
+    return {**counts, **{f"agreement/{key}": value for key, value in report["agreement"].items()}}
+
+
 def validate_output(out: str | Path, cfg: DataConfig = DataConfig()) -> ValidationReport:
     """The pairs suite on OUT/pairs.jsonl written by `ingest`, added to OUT/data_docs/."""
     path = Path(out) / "pairs.jsonl"

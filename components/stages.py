@@ -150,8 +150,7 @@ def ingest_preferences(cfg: PipelineConfig, root: str) -> dict:
             f"{cfg.data.source}: {result.report['quarantined_rows']} of {result.report['rows']} rows quarantined "
             f"(more than data.max_invalid_fraction={cfg.data.max_invalid_fraction}), see {out / 'quarantine.jsonl'}\n{shown}"
         )
-    counts = {key: result.report[key] for key in ("rows", "valid_rows", "quarantined_rows", "pairs")}
-    return {**counts, **{f"agreement/{key}": value for key, value in result.report["agreement"].items()}}
+    return preferences.report_metrics(result.report)
 
 
 def _pair_tokens(tokenizer, rows: list[dict]) -> list[int]:

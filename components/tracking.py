@@ -16,6 +16,7 @@ from huggingface_hub import ModelCard
 from mlflow.tracking import MlflowClient
 
 from components.layout import Artifact
+from components.preferences import report_metrics
 
 STAGE_TAG = "rlhf.stage"
 # Read once, before anything here runs: mlflow.set_tracking_uri also writes this variable, so a
@@ -112,8 +113,7 @@ def log_ingest(root: str | Path, experiment: str, out: str | Path, report: dict,
         tags.update({f"data.{path}.md5": md5 for path, md5 in version["md5"].items()})
     with mlflow.start_run(run_name="ingest", tags=tags) as run:
         mlflow.log_params(flatten({"data": report["config"]}))
-        counts = {key: report[key] for key in ("rows", "valid_rows", "quarantined_rows", "labels", "pairs")}
-        mlflow.log_metrics({**counts, **{f"agreement/{k}": v for k, v in report["agreement"].items()}})
+        mlflow.log_metrics(report_metrics(report))
         mlflow.log_dict(report, "ingest_report.json")
         mlflow.log_artifacts(str(Path(out) / "data_docs"), "data_docs")
     return run.info.run_id
