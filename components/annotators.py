@@ -17,6 +17,8 @@ import random
 from dataclasses import asdict, dataclass
 from itertools import combinations
 
+from components import gold
+
 
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
@@ -106,3 +108,13 @@ def label(samples_by_prompt: dict[str, list[Sample]], n_annotators: int, target_
 
 def as_rows(labels: list[Label]) -> list[dict]:
     return [asdict(l) for l in labels]
+
+
+def label_samples(rows: list[dict], n_annotators: int, target_agreement: float, seed: int) -> tuple[list[dict], dict]:
+    """Pair rows and stats for sampled completions (rows with prompt, completion, ended_with_eos)."""
+    by_prompt: dict[str, list[Sample]] = {}
+    for row in rows:
+        score = gold.gold_reward(row["prompt"], row["completion"], row["ended_with_eos"])
+        by_prompt.setdefault(row["prompt"], []).append(Sample(row["prompt"], row["completion"], score))
+    labels, stats = label(by_prompt, n_annotators, target_agreement, seed)
+    return as_rows(labels), stats

@@ -31,7 +31,33 @@ class WorldConfig(Section):
     prompt_words: int = Field(3, ge=1, le=8, description="words of the review opening kept in a prompt")
 
 
-class BaseModelConfig(Section):
+class TrainerConfig(Section):
+    """How a supervised trainer optimises (components/training.py): AdamW with linear warm-up and
+    cosine decay to 10% of `lr`, the same on a CPU, one GPU or several (`accelerate launch`)."""
+
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1, description="examples per optimizer step, over all processes and accumulation steps")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step on each process")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of the steps spent warming up")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this global norm")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, fp32 otherwise"
+    )
+    checkpoint_every: int = Field(
+        50, ge=0, description="optimizer steps between checkpoints a killed run resumes from; 0: none"
+    )
+    log_every: int = Field(1, ge=1, description="optimizer steps between logged training metrics")
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "TrainerConfig":
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise ValueError("batch_size must be a multiple of gradient_accumulation_steps")
+        return self
+
+
+class BaseModelConfig(TrainerConfig):
     """The base language model: built and pretrained on the world corpus, or loaded."""
 
     pretrained: str | None = Field(
@@ -47,24 +73,38 @@ class BaseModelConfig(Section):
     lr: float = Field(2e-3, gt=0)
 
 
-class SFTConfig(Section):
+class SFTConfig(TrainerConfig):
     """Supervised fine-tuning on curated demonstrations (LIMA-style: few, clean, deduplicated)."""
 
     n_demonstrations: int = Field(1200, ge=10, description="demonstrations kept after curation")
     min_words: int = Field(10, ge=1, description="shortest response kept")
     max_words: int = Field(60, ge=1, description="longest response kept")
     min_quality: float = Field(0.4, description="gold quality (topic + fluency - repetition) a demonstration needs")
+    packing: bool = Field(
+        False,
+        description="pack demonstrations into full rows of base.max_length (attention stays within each one); "
+        "batch_size then counts rows, not demonstrations",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="None: prompt and response as plain text; 'tokenizer': the tokenizer's chat template; "
+        "otherwise a Jinja chat template. The prompt is the user turn, the response the assistant turn",
+    )
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(5e-4, gt=0)
 
 
 class SamplingConfig(Section):
-    """How completions are sampled from a policy. No top-p/top-k truncation: PPO's log-probs and
-    the KL estimates score tokens under the full distribution they were drawn from."""
+    """How completions are sampled from a policy (the rollout engine, components/rollout.py)."""
 
-    max_new_tokens: int = Field(40, ge=1)
+    max_new_tokens: int = Field(40, ge=1, description="longer responses are cut there and get no EOS")
     temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(
+        1.0, gt=0, le=1,
+        description="nucleus sampling; below 1 the log-probs that PPO, P3O and the KL estimates use (the full "
+        "distribution at the temperature) no longer describe the sampler exactly",
+    )
     batch_size: int = Field(64, ge=1, description="prompts generated together")
 
 
@@ -113,13 +153,39 @@ class DataConfig(Section):
     hf_data_dir: str | None = Field(None, description="folder within a Hugging Face dataset, e.g. harmless-base")
 
 
-class RewardConfig(Section):
+class RewardConfig(TrainerConfig):
     """Reward model: the SFT backbone with a scalar head, pairwise Bradley-Terry loss."""
 
     epochs: int = Field(1, ge=1, description="one pass: fresh pairs help more than repeated ones")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(3e-4, gt=0)
     eval_fraction: float = Field(0.1, gt=0, lt=0.5, description="pairs held out for accuracy")
+    loss: Literal["bradley_terry", "ranking", "plackett_luce"] = Field(
+        "bradley_terry",
+        description="bradley_terry: independent pairs; ranking: all pairs of a prompt's K completions in one batch "
+        "(InstructGPT); plackett_luce: the likelihood of each prompt's full ranking",
+    )
+    use_margin: bool = Field(False, description="subtract each pair's margin inside the Bradley-Terry loss (Llama 2)")
+
+
+class DPOConfig(TrainerConfig):
+    """Direct preference optimisation and its variants against a frozen reference policy."""
+
+    loss_type: Literal["sigmoid", "ipo", "cdpo"] = Field(
+        "sigmoid", description="sigmoid: DPO (Rafailov et al. 2023); ipo: Azar et al. 2023; cdpo: DPO with label smoothing"
+    )
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint (tau of IPO)")
+    label_smoothing: float = Field(0.1, ge=0, lt=0.5, description="cdpo: assumed probability that a label is flipped")
+    precompute_ref_logprobs: bool = Field(
+        True, description="reference log-probs computed once before training and cached; False: on every step"
+    )
+    lora_r: int = Field(0, ge=0, description="rank of LoRA adapters (peft); 0 trains every weight")
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[str] | None = Field(None, description="modules given adapters; None: peft's default")
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-5, gt=0)
 
 
 class PPOConfig(Section):
@@ -143,6 +209,81 @@ class PPOConfig(Section):
     vf_coef: float = Field(0.5, ge=0)
     missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the score of a response without EOS")
     whiten_rewards: bool = False
+    critic: Literal["separate", "value_head"] = Field(
+        "separate",
+        description="separate: a critic network initialised from the reward model (InstructGPT); value_head: a "
+        "scalar head on the policy's own transformer",
+    )
+    checkpoint_every: int = Field(5, ge=1, description="iterations between checkpoints a killed run resumes from")
+
+
+class P3OConfig(Section):
+    """Pairwise proximal policy optimisation (Wu et al. 2023): two responses per prompt, the
+    policy gradient of their reward difference. Clipping V1 or V2 is chosen by rl.algorithm."""
+
+    steps: int = Field(20, ge=1, description="rollout-and-update iterations")
+    batch_size: int = Field(32, ge=1, description="prompts per rollout, two responses each")
+    minibatch_size: int = Field(16, ge=1, description="prompt pairs per gradient step")
+    update_epochs: int = Field(4, ge=1, description="passes over the replay buffer after each rollout")
+    buffer_size: int = Field(
+        64, ge=1, description="prompt pairs kept for replay, importance-weighted against the policy that sampled them"
+    )
+    lr: float = Field(5e-5, gt=0)
+    kl_coef: float = Field(0.1, ge=0, description="beta of the KL penalty to the SFT reference in each response's reward")
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    cliprange: float = Field(0.2, gt=0)
+    missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the score of a response without EOS")
+    checkpoint_every: int = Field(5, ge=1, description="iterations between checkpoints a killed run resumes from")
+
+
+class RestConfig(TrainerConfig):
+    """ReST (Gulcehre et al. 2023): Grow samples from the current policy, each Improve step
+    fine-tunes on the samples above a rising reward threshold."""
+
+    grow_steps: int = Field(2, ge=1, description="Grow phases")
+    improve_steps: int = Field(3, ge=1, description="Improve steps per Grow, each with a higher threshold")
+    n_prompts: int = Field(256, ge=1, description="training prompts sampled in each Grow")
+    n_samples: int = Field(8, ge=1, description="responses per prompt in each Grow")
+    thresholds: list[float] = Field(
+        [0.5, 0.7, 0.9], description="reward quantiles of the Grow set that the Improve steps keep samples above"
+    )
+    missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the score of a response without EOS")
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+
+
+class BestOfNConfig(TrainerConfig):
+    """Best-of-n: the response the reward model scores highest among n samples, at inference and
+    as rejection-sampling fine-tuning (the policy is fine-tuned on best-of-n responses)."""
+
+    n: int = Field(16, ge=2, description="samples per prompt")
+    n_prompts: int = Field(512, ge=1, description="training prompts whose best-of-n responses are fine-tuned on")
+    missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the score of a response without EOS")
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+
+
+class RLConfig(Section):
+    """The RL fine-tuning stage: the method that turns the SFT policy into the policy, and the
+    online rounds of fresh feedback (Christiano et al. 2017) around it."""
+
+    algorithm: Literal["ppo", "p3o_v1", "p3o_v2", "rest", "best_of_n", "dpo"] = Field(
+        "ppo", description="each method reads its own section (ppo, p3o, rest, best_of_n, dpo)"
+    )
+    rounds: int = Field(
+        1, ge=1,
+        description="after each round but the last, current-policy samples are labelled afresh (simulated "
+        "annotators), the reward model is updated on them and training continues",
+    )
+    round_prompts: int = Field(256, ge=1, description="prompts sampled (collect.k responses each) for fresh labels")
+    probe_points: int = Field(
+        6, ge=0,
+        description="frontier measurements (KL to SFT, gold and proxy reward) per round, evenly spaced over the "
+        "method's steps, plus one at the start; 0: none",
+    )
+    probe_prompts: int = Field(64, ge=1, description="held-out prompts each frontier measurement samples")
 
 
 class EvalConfig(Section):
@@ -170,6 +311,11 @@ class PipelineConfig(Section):
     annotators: AnnotatorConfig = AnnotatorConfig()
     data: DataConfig = DataConfig()
     reward: RewardConfig = RewardConfig()
+    dpo: DPOConfig = DPOConfig()
+    rl: RLConfig = RLConfig()
+    p3o: P3OConfig = P3OConfig()
+    rest: RestConfig = RestConfig()
+    best_of_n: BestOfNConfig = BestOfNConfig()
     ppo: PPOConfig = PPOConfig()
     eval: EvalConfig = EvalConfig()
     promotion: PromotionConfig = PromotionConfig()
@@ -180,6 +326,8 @@ class PipelineConfig(Section):
             raise ValueError(f"base.n_embd ({self.base.n_embd}) must be a multiple of base.n_head ({self.base.n_head})")
         if self.ppo.batch_size % self.ppo.minibatch_size:
             raise ValueError("ppo.batch_size must be a multiple of ppo.minibatch_size")
+        if sorted(self.rest.thresholds) != self.rest.thresholds or len(self.rest.thresholds) != self.rest.improve_steps:
+            raise ValueError("rest.thresholds must rise and hold one quantile per Improve step (rest.improve_steps)")
         if self.sft.min_words > self.sft.max_words:
             raise ValueError("sft.min_words must not exceed sft.max_words")
         pretrained = self.base.pretrained

@@ -38,7 +38,7 @@ def evaluate(policy, sft_policy, reward, tokenizer, prompts: list[str], sampling
         torch.manual_seed(seed)
         for start in range(0, len(prompts), sampling.batch_size):
             chunk = prompts[start : start + sampling.batch_size]
-            rollout = lm.sample(model, tokenizer, chunk, sampling.max_new_tokens, sampling.temperature)
+            rollout = lm.sample(model, tokenizer, chunk, sampling.max_new_tokens, sampling.temperature, sampling.top_p)
             with torch.no_grad():
                 proxy = reward_model.scores(reward, rollout).tolist()
             if name == "policy":
@@ -62,3 +62,43 @@ def evaluate(policy, sft_policy, reward, tokenizer, prompts: list[str], sampling
         "eval/eos_rate": sum(r["ended_with_eos"] for r in ours) / len(ours),
     }
     return metrics, rows
+
+
+def frontier_point(policy, sft_policy, reward, tokenizer, prompts: list[str], sampling: SamplingConfig, seed: int) -> dict:
+    """One point of the KL-reward frontier: KL to SFT and the mean gold and proxy rewards of the
+    policy's samples on `prompts`. The RNG is forked so a measurement never changes training."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        rollout = lm.sample(policy, tokenizer, prompts, sampling.max_new_tokens, sampling.temperature, sampling.top_p)
+        with torch.no_grad():
+            proxy = reward_model.scores(reward, rollout)
+    gold_rewards = [gold.gold_reward(p, c, e) for p, c, e in zip(prompts, rollout.completions, rollout.ended_with_eos)]
+    return {
+        "kl_to_sft": float(sequence_kl(policy, sft_policy, rollout, sampling.temperature).mean()),
+        "gold_reward": sum(gold_rewards) / len(gold_rewards),
+        "proxy_reward": float(proxy.mean()),
+    }
+
+
+def plot_frontier(traces: dict[str, list[dict]], finals: dict[str, dict]):
+    """The KL-reward frontier: gold and proxy reward against KL to SFT, one curve per method over
+    its training checkpoints (the trace of the RL stage), its final evaluation marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), constrained_layout=True)
+    for (method, trace), colour in zip(sorted(traces.items()), plt.cm.tab10.colors):
+        kl = [point["kl_to_sft"] for point in trace]
+        for axis, key in zip(axes, ("gold_reward", "proxy_reward")):
+            axis.plot(kl, [point[key] for point in trace], "o-", color=colour, label=method, markersize=3)
+        final = finals.get(method)
+        if final:
+            axes[0].plot(final["eval/kl_to_sft"], final["eval/gold_reward_mean"], "*", color=colour, markersize=12)
+    for axis, title in zip(axes, ("gold reward (the world's oracle)", "proxy reward (the learned reward model)")):
+        axis.set_xlabel("KL(policy || SFT), nats per response")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    axes[0].legend(title="method (star: final evaluation)")
+    return figure

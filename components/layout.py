@@ -25,6 +25,7 @@ PATHS = {
     "validation": "data/preferences/validation.json",
     "reward": "models/reward",
     "policy": "models/policy",
+    "trace": "data/rl/trace.jsonl",
     "completions": "data/eval/completions.jsonl",
     "eval_metrics": "data/eval/metrics.json",
 }
@@ -47,7 +48,12 @@ STAGES = (
     Stage("label", ("seed", "annotators", "data"), ("samples",), ("preferences",)),
     Stage("validate", ("data", "base"), ("preferences", "sft"), (), ("validation",)),
     Stage("reward", ("seed", "reward", "base"), ("preferences", "validation", "sft"), ("reward",)),
-    Stage("ppo", ("seed", "ppo", "sampling", "base"), ("prompts", "sft", "reward"), ("policy",)),
+    Stage(
+        "rl",
+        ("seed", "rl", "ppo", "p3o", "rest", "best_of_n", "dpo", "sampling", "collect", "annotators", "reward"),
+        ("prompts", "sft", "reward", "preferences"),
+        ("policy", "trace"),
+    ),
     Stage("evaluate", ("seed", "eval", "sampling"), ("prompts", "sft", "reward", "policy"), ("completions",), ("eval_metrics",)),
 )
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
@@ -123,6 +129,25 @@ def code_version() -> str:
 def read_jsonl(path: str | Path) -> list[dict]:
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def read_records(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
+    """JSONL rows that must each hold `fields` as strings; the first bad row stops the read with
+    an error naming the file, the row (1-based) and the field."""
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}: row {number}: not valid JSON ({error.msg})") from None
+            for field in fields:
+                if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                    raise ValueError(f"{path}: row {number}: field '{field}' missing or not a string")
+            rows.append(row)
+    return rows
 
 
 def write_jsonl(path: str | Path, rows) -> None:

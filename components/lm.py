@@ -69,11 +69,19 @@ def save_policy(model, tokenizer, path: str | Path) -> None:
     tokenizer.save_pretrained(str(path))
 
 
+def context_length(model) -> int:
+    """Positions the model can attend over (GPT-2's n_positions, other models' max_position_embeddings)."""
+    return getattr(model.config, "n_positions", None) or model.config.max_position_embeddings
+
+
 def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """The model on a batch, moved to the model's device; positions count real tokens only."""
+    device = next(model.parameters()).device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
 
 
@@ -148,23 +156,26 @@ def make_rollout(tokenizer, prompts: list[str], completions: list[str], ended_wi
 
 
 @torch.no_grad()
-def sample(model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float) -> Rollout:
-    """Sample one response per prompt with the KV cache; tokens after the first EOS are padding."""
+def sample(
+    model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float = 1.0
+) -> Rollout:
+    """Sample one response per prompt with the KV cache; tokens after the first EOS are padding.
+    Responses longer than `max_new_tokens` (or the context) are truncated and have no EOS."""
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
-    context = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
-    room = context - prompt_ids.shape[1] if context else max_new_tokens
+    room = context_length(model) - prompt_ids.shape[1]
+    device = next(model.parameters()).device
     output = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
+        input_ids=prompt_ids.to(device),
+        attention_mask=prompt_mask.to(device),
         do_sample=True,
         temperature=temperature,
-        top_p=1.0,
+        top_p=top_p,
         top_k=0,
         max_new_tokens=min(max_new_tokens, room),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    response_ids = output[:, prompt_ids.shape[1] :]
+    response_ids = output[:, prompt_ids.shape[1] :].cpu()
     is_eos = response_ids == tokenizer.eos_token_id
     ended_with_eos = is_eos.any(dim=1)
     first_eos = torch.where(ended_with_eos, is_eos.float().argmax(dim=1), response_ids.shape[1])
@@ -183,6 +194,6 @@ def sample_many(model, tokenizer, prompts: list[str], sampling, seed: int) -> li
     rows = []
     for start in range(0, len(prompts), sampling.batch_size):
         chunk = prompts[start : start + sampling.batch_size]
-        rollout = sample(model, tokenizer, chunk, sampling.max_new_tokens, sampling.temperature)
+        rollout = sample(model, tokenizer, chunk, sampling.max_new_tokens, sampling.temperature, sampling.top_p)
         rows.extend(zip(chunk, rollout.completions, rollout.ended_with_eos))
     return rows

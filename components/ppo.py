@@ -3,27 +3,31 @@
 The algorithm of Ziegler et al. 2019 and InstructGPT (Ouyang et al. 2022), laid out top to bottom
 in the manner of CleanRL's ppo.py. One iteration:
 
-1. rollout: sample a response per prompt from the policy; record its `logprobs`, the reference's
-   `ref_logprobs`, the critic's `values` and the reward model's `score` (normalised, minus a
-   penalty when the response hit the token limit without EOS);
+1. rollout (components/rollout.py): sample a response per prompt from the policy; record its
+   `logprobs`, the reference's `ref_logprobs`, the reward model's `score` (normalised, minus a
+   penalty when the response hit the token limit without EOS) and the critic's `values`;
 2. rewards: r_t = -kl_coef * KL_t at every response token, plus the score at the last one;
 3. advantages: GAE(gamma, lam) over the response tokens, then whitened;
 4. update: `ppo_epochs` passes of minibatches with the clipped surrogate objective and a
    clipped value loss (Schulman et al. 2017).
 
-The critic is a separate network initialised from the reward model, as in InstructGPT.
+The critic is a separate network initialised from the reward model, as in InstructGPT, or a
+value head on the policy's own trunk (`ppo.critic`). A run checkpoints every few iterations and
+resumes after a crash or kill with the same policy, critic, optimizer, KL coefficient and RNG.
 """
 
 from __future__ import annotations
 
 import random
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 
-from components import lm, reward_model
+from components import checkpoint, lm
 from components.config import PPOConfig, SamplingConfig
+from components.rollout import collect
 from components.training import MetricsLogger, no_logging
 
 
@@ -153,15 +157,39 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1 - var_residual / var_returns) if var_returns > 0 else float("nan")
 
 
-def critic_values(critic, batch: lm.Rollout) -> torch.Tensor:
-    """V(s_t) for each response token t: the critic's head at the position that predicts token t."""
+class ValueHead(torch.nn.Module):
+    """A scalar value head on the policy's last hidden state: the critic shares the policy's
+    trunk (one transformer in memory; Stiennon et al. 2020 use a separate one, as `critic` does)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.score = torch.nn.Linear(hidden_size, 1)
+        torch.nn.init.zeros_(self.score.weight)
+        torch.nn.init.zeros_(self.score.bias)
+
+
+def logits_and_values(policy, critic, batch: lm.Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response logits of the policy and V(s_t) for each response token t: the critic's head at
+    the position that predicts token t. `critic` is a separate network with a scalar head
+    (AutoModelForSequenceClassification) or a `ValueHead` on the policy's own hidden states."""
     input_ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1)
     attention_mask = torch.cat([batch.prompt_mask, batch.response_mask], dim=1)
-    hidden = critic.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=lm.position_ids(attention_mask)
-    ).last_hidden_state
     width = batch.prompt_ids.shape[1]
-    return critic.score(hidden[:, width - 1 : -1]).squeeze(-1).float()
+    shared = isinstance(critic, ValueHead)
+    output = policy(
+        input_ids=input_ids.to(policy.device), attention_mask=attention_mask.to(policy.device),
+        position_ids=lm.position_ids(attention_mask).to(policy.device), output_hidden_states=shared,
+    )
+    logits = output.logits[:, width - 1 : -1] / temperature
+    if shared:
+        hidden = output.hidden_states[-1]
+    else:
+        hidden = critic.base_model(
+            input_ids=input_ids.to(critic.device), attention_mask=attention_mask.to(critic.device),
+            position_ids=lm.position_ids(attention_mask).to(critic.device),
+        ).last_hidden_state
+    values = critic.score(hidden[:, width - 1 : -1]).squeeze(-1).float()
+    return logits, values
 
 
 def entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
@@ -181,37 +209,48 @@ def train(
     seed: int,
     log: MetricsLogger = no_logging,
     gold_reward: Callable[[str, str, bool], float] | None = None,
+    checkpoint_dir: Path | None = None,
+    probe: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Run `cfg.steps` PPO iterations in place on `policy` and `critic`; returns the last metrics.
 
+    `critic` is a separate network with a scalar head or a `ValueHead` on the policy. With
+    `checkpoint_dir`, the policy, critic, optimizer, KL coefficient and RNG states are saved every
+    `cfg.checkpoint_every` steps and a killed run resumes from the latest checkpoint. `probe(step,
+    total)` is called after every step (the RL stage measures KL and rewards for the frontier plot).
     `gold_reward`, when given, is only logged (the world's oracle), never optimised.
     """
     torch.manual_seed(seed)
     rng = random.Random(seed)
     for model in (policy, critic, ref_policy, reward):
-        model.eval()
+        if model is not None:
+            model.eval()
     for frozen in (ref_policy, reward):
-        frozen.requires_grad_(False)
-    optimizer = torch.optim.AdamW(
-        [{"params": policy.parameters()}, {"params": critic.parameters()}], lr=cfg.lr, eps=1e-5
-    )
+        if frozen is not None:
+            frozen.requires_grad_(False)
+    trainable = [p for p in [*policy.parameters(), *critic.parameters()] if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, eps=1e-5)
     temperature = sampling.temperature
     kl_controller = (
         AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target else FixedKLController(cfg.kl_coef)
     )
     metrics: dict = {}
-    for step in range(cfg.steps):
+    start = 0
+    restored = checkpoint.load_latest(checkpoint_dir, {"policy": policy, "critic": critic}, optimizer)
+    if restored is not None:
+        state, _ = restored
+        start, kl_controller.value, metrics = state["step"], state["kl_coef"], state["metrics"]
+        checkpoint.set_random_state(rng, state["rng"])
+    for step in range(start, cfg.steps):
         # 1. rollout. Models stay in eval mode throughout: dropout would make the update's
         # log-probs differ from the rollout's at ratio 1 and bias clipping.
         batch_prompts = rng.sample(prompts, k=min(cfg.batch_size, len(prompts)))
-        rollout = lm.sample(policy, tokenizer, batch_prompts, sampling.max_new_tokens, temperature)
-        mask = rollout.response_mask.float()
+        experience = collect(policy, ref_policy, reward, tokenizer, batch_prompts, 1, sampling, cfg.missing_eos_penalty)
+        rollout, mask = experience.rollout, experience.mask
+        old_logprobs, ref_logprobs, scores = experience.logprobs, experience.ref_logprobs, experience.scores
+        eos = torch.tensor(rollout.ended_with_eos, dtype=torch.float)
         with torch.no_grad():
-            old_logprobs = lm.response_logprobs(policy, rollout, temperature)
-            ref_logprobs = lm.response_logprobs(ref_policy, rollout, temperature)
-            old_values = critic_values(critic, rollout) * mask
-            eos = torch.tensor(rollout.ended_with_eos, dtype=torch.float)
-            scores = reward_model.normalised_scores(reward, rollout) - cfg.missing_eos_penalty * (1 - eos)
+            old_values = logits_and_values(policy, critic, rollout, temperature)[1].cpu() * mask
 
             # 2. rewards with the per-token KL penalty
             kl = kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
@@ -230,15 +269,15 @@ def train(
             for idx in torch.randperm(len(batch_prompts)).split(cfg.minibatch_size):
                 mb = rollout.select(idx)
                 mb_mask = mask[idx]
-                logits = lm.response_logits(policy, mb, temperature)
+                logits, values = logits_and_values(policy, critic, mb, temperature)
+                logits, values = logits.cpu(), values.cpu()
                 logprobs = lm.logprobs_of(logits, mb.response_ids)
-                values = critic_values(critic, mb)
                 pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.cliprange)
                 vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.cliprange_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(list(policy.parameters()) + list(critic.parameters()), 1.0)
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 optimizer.step()
                 stats = {
                     "policy_loss": pg_loss.item(),
@@ -267,4 +306,9 @@ def train(
                 np.mean([gold_reward(p, c, e) for p, c, e in zip(rollout.prompts, rollout.completions, rollout.ended_with_eos)])
             )
         log(metrics, step)
+        if probe is not None:
+            probe(step + 1, cfg.steps)
+        if checkpoint_dir is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
+            state = {"kl_coef": kl_controller.value, "rng": checkpoint.random_state(rng), "metrics": metrics}
+            checkpoint.save(checkpoint_dir, step + 1, {"policy": policy, "critic": critic}, optimizer, state)
     return metrics

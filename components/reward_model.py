@@ -1,19 +1,30 @@
-"""Reward model: a transformer with a scalar head, trained on pairwise preferences.
+"""Reward model: a transformer with a scalar head, trained on preferences.
 
-The backbone starts from the SFT policy (InstructGPT does the same); the head is
-`AutoModelForSequenceClassification` with one label, which scores a sequence at its last
-non-padding token. Normalisation statistics (mean and std of training rewards) are saved in the
-model's config so that PPO can centre the rewards it optimises.
+The backbone is any `AutoModelForSequenceClassification` with one label: our GPT-2 SFT policy
+(InstructGPT starts the reward model from the SFT model too), scored at the last non-padding
+token, or a pretrained encoder such as MiniLM, scored at [CLS]. `encode` lays out [prompt |
+response] for each (see there). Objectives, chosen by `RewardConfig.loss`:
+
+- bradley_terry: independent pairs, optionally with each pair's margin (Llama 2);
+- ranking: the examples are prompts; every pair of one prompt's ranked completions is in the same
+  batch, each prompt weighing the same (InstructGPT);
+- plackett_luce: the likelihood of each prompt's whole ranking.
+
+Preference data holds pairs; `rankings` recovers each prompt's ranking from them by Copeland
+score. Normalisation statistics (mean and std of the training rewards) are saved in the model's
+config so that PPO can centre the rewards it optimises.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
+from components.config import RewardConfig
 from components.lm import Rollout, forward, make_rollout
 from components.training import MetricsLogger, no_logging, train_loop
 
@@ -23,6 +34,19 @@ class Pair:
     prompt: str
     chosen: str
     rejected: str
+    margin: float = 0.0  # how much better chosen is; used by Bradley-Terry with `use_margin`
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One prompt's completions and their ranks (0 the best; equal Copeland scores share a rank)."""
+
+    prompt: str
+    completions: tuple[str, ...]
+    ranks: tuple[int, ...]
+
+
+# ------------------------------------------------------------------------------------ losses
 
 
 def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, margin: torch.Tensor | None = None):
@@ -38,16 +62,112 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     return -F.logsigmoid(diff).mean()
 
 
+def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """InstructGPT's ranking loss for one prompt (Ouyang et al. 2022, eq. 1).
+
+        L = -1 / |P| * sum_{(w, l) in P} log sigmoid(r_w - r_l),   P = {(w, l) : ranks[w] < ranks[l]}
+
+    `rewards` (K,) of the prompt's completions, `ranks` (K,) with 0 the best. For a strict ranking
+    |P| = C(K, 2): all pairs of the prompt count as one batch element, which InstructGPT found to
+    overfit less than shuffling the correlated pairs into separate examples.
+    """
+    better = ranks.unsqueeze(1) < ranks.unsqueeze(0)
+    diffs = rewards.unsqueeze(1) - rewards.unsqueeze(0)
+    return -F.logsigmoid(diffs[better]).mean()
+
+
+def plackett_luce_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
+    """Negative log-likelihood of one prompt's ranking under the Plackett-Luce model (Plackett
+    1975; Luce 1959), as in the DPO paper's appendix A.3 (Rafailov et al. 2023).
+
+        L = -sum_k [ r_(k) - logsumexp_{j >= k} r_(j) ]
+
+    where r_(k) is the reward of the completion ranked k-th (ties in `ranks` keep the given
+    order). For K = 2 this is the Bradley-Terry loss of the pair.
+    """
+    ordered = rewards[torch.argsort(ranks, stable=True)]
+    tail_logsumexp = torch.logcumsumexp(ordered.flip(0), dim=0).flip(0)
+    return -(ordered - tail_logsumexp).sum()
+
+
+def rankings(pairs: list[Pair]) -> list[Ranking]:
+    """Each prompt's ranking of its completions, recovered from its pairs by Copeland score
+    (Copeland 1951): wins minus losses over the prompt's pairs, higher ranked better.
+
+    Pairs written from a ranking (all K(K-1)/2 of them) give that ranking back; K sampled
+    completions with noisy labels can form cycles, whose members tie. A prompt whose completions
+    all tie carries no ordering and is left out. Prompts and completions keep their order of
+    first appearance.
+    """
+    copeland: dict[str, dict[str, int]] = {}
+    for pair in pairs:
+        score = copeland.setdefault(pair.prompt, {})
+        score[pair.chosen] = score.get(pair.chosen, 0) + 1
+        score[pair.rejected] = score.get(pair.rejected, 0) - 1
+    out = []
+    for prompt, score in copeland.items():
+        levels = sorted(set(score.values()), reverse=True)
+        if len(levels) > 1:
+            out.append(Ranking(prompt, tuple(score), tuple(levels.index(s) for s in score.values())))
+    return out
+
+
+# ----------------------------------------------------------------------------------- scoring
+
+
 def load(path, num_labels: int = 1):
-    model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels, use_safetensors=True)
-    return model
+    """A sequence-classification model from a local folder: a saved reward model, a causal LM
+    (our SFT policy) or an encoder (MiniLM); the head is new unless the folder has one."""
+    return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels, use_safetensors=True)
+
+
+def _is_encoder(tokenizer) -> bool:
+    # BERT-style tokenizers frame a sequence as [CLS] ... [SEP], and their models score [CLS];
+    # causal LMs score the last real token instead.
+    return tokenizer.cls_token_id is not None and tokenizer.sep_token_id is not None
+
+
+def _right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, : len(row)] = 1
+    return ids, mask
+
+
+def encode(tokenizer, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input ids and attention mask of each [prompt | response], laid out for the backbone.
+
+    Causal LM: the rollout layout (prompt left-padded, response right-padded, EOS appended), the
+    same tokens PPO's rollouts are scored on. Encoder: [CLS] prompt [SEP] response [SEP],
+    right-padded; a row longer than `tokenizer.model_max_length` loses its beginning, because two
+    replies to a long conversation (HH-RLHF) differ only in the final turn.
+    """
+    if not _is_encoder(tokenizer):
+        rollout = make_rollout(tokenizer, prompts, responses, [True] * len(prompts))
+        return (
+            torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1),
+            torch.cat([rollout.prompt_mask, rollout.response_mask], dim=1),
+        )
+    cls, sep, keep = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.model_max_length - 2
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"]
+    rows = [[cls] + (p + [sep] + r)[-keep:] + [sep] for p, r in zip(prompt_ids, response_ids)]
+    return _right_pad(rows, tokenizer.pad_token_id)
+
+
+def rewards_of(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """r(x, y) of each encoded row: the scalar head's output, in float32."""
+    return forward(model, input_ids, attention_mask).logits.squeeze(-1).float()
 
 
 def scores(model, batch: Rollout) -> torch.Tensor:
-    """r(x, y) for each row: the head's output at the last real token of [prompt | response]."""
+    """r(x, y) for each row of a rollout (causal backbone): the head at the last real token."""
     input_ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1)
     attention_mask = torch.cat([batch.prompt_mask, batch.response_mask], dim=1)
-    return forward(model, input_ids, attention_mask).logits.squeeze(-1)
+    return rewards_of(model, input_ids, attention_mask)
 
 
 def normalised_scores(model, batch: Rollout) -> torch.Tensor:
@@ -55,12 +175,12 @@ def normalised_scores(model, batch: Rollout) -> torch.Tensor:
 
 
 def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Raw rewards of complete responses (an EOS is appended to each)."""
+    """Raw rewards of complete responses."""
     out = []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
-            p, r = prompts[start : start + batch_size], responses[start : start + batch_size]
-            out.append(scores(model, make_rollout(tokenizer, p, r, [True] * len(p))))
+            batch = encode(tokenizer, prompts[start : start + batch_size], responses[start : start + batch_size])
+            out.append(rewards_of(model, *batch))
     return torch.cat(out) if out else torch.zeros(0)
 
 
@@ -68,11 +188,12 @@ def _pair_rewards(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, to
     """Chosen and rejected rewards from one forward pass over both halves of the batch."""
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    rewards = scores(model, make_rollout(tokenizer, prompts, responses, [True] * len(prompts)))
+    rewards = rewards_of(model, *encode(tokenizer, prompts, responses))
     return rewards[: len(pairs)], rewards[len(pairs) :]
 
 
 def accuracy(model, tokenizer, pairs: list[Pair], batch_size: int = 64) -> float:
+    """Share of pairs whose chosen response gets the higher reward."""
     if not pairs:
         return float("nan")
     correct = 0
@@ -83,18 +204,68 @@ def accuracy(model, tokenizer, pairs: list[Pair], batch_size: int = 64) -> float
     return correct / len(pairs)
 
 
+# -------------------------------------------------------------------------------- objectives
+
+
+class PairwiseObjective:
+    """Bradley-Terry loss over preference pairs; reports the share of correctly ordered pairs."""
+
+    def __init__(self, tokenizer, pairs: list[Pair], use_margin: bool = False):
+        self.tokenizer, self.pairs, self.use_margin, self.n_examples = tokenizer, pairs, use_margin, len(pairs)
+
+    def n_terms(self, indices: list[int]) -> int:
+        return len(indices)
+
+    def loss(self, model, indices: list[int]):
+        pairs = [self.pairs[i] for i in indices]
+        chosen, rejected = _pair_rewards(model, self.tokenizer, pairs)
+        margin = torch.tensor([p.margin for p in pairs], device=chosen.device) if self.use_margin else None
+        loss = bradley_terry_loss(chosen, rejected, margin) * len(indices)
+        return loss, {"accuracy": float((chosen > rejected).sum())}
+
+
+class RankingObjective:
+    """A per-prompt loss over each prompt's ranked completions (`ranking_loss` or
+    `plackett_luce_loss`), all of a prompt's completions in one forward pass; reports, per prompt,
+    the share of its rank-ordered pairs that the rewards order the same way."""
+
+    def __init__(
+        self, tokenizer, rankings: list[Ranking], prompt_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    ):
+        self.tokenizer, self.rankings, self.prompt_loss = tokenizer, rankings, prompt_loss
+        self.n_examples = len(rankings)
+
+    def n_terms(self, indices: list[int]) -> int:
+        return len(indices)
+
+    def loss(self, model, indices: list[int]):
+        batch = [self.rankings[i] for i in indices]
+        prompts = [r.prompt for r in batch for _ in r.completions]
+        responses = [c for r in batch for c in r.completions]
+        rewards = rewards_of(model, *encode(self.tokenizer, prompts, responses))
+        loss, correct = rewards.new_zeros(()), 0.0
+        for ranking, r in zip(batch, rewards.split([len(b.completions) for b in batch])):
+            ranks = torch.tensor(ranking.ranks, device=r.device)
+            loss = loss + self.prompt_loss(r, ranks)
+            better = ranks.unsqueeze(1) < ranks.unsqueeze(0)
+            correct += float(((r.unsqueeze(1) - r.unsqueeze(0))[better] > 0).float().mean())
+        return loss, {"accuracy": correct}
+
+
+PROMPT_LOSSES = {"ranking": ranking_loss, "plackett_luce": plackett_luce_loss}
+
+
 def train(
-    model, tokenizer, pairs: list[Pair], epochs: int, batch_size: int, lr: float, seed: int,
-    log: MetricsLogger = no_logging,
+    model, tokenizer, pairs: list[Pair], cfg: RewardConfig, seed: int, log: MetricsLogger = no_logging,
+    checkpoint_dir=None,
 ) -> dict:
-    """Fit the reward model; stores reward_mean / reward_std of the training responses in its config."""
-
-    def batch_loss(idx: torch.Tensor):
-        chosen, rejected = _pair_rewards(model, tokenizer, [pairs[i] for i in idx.tolist()])
-        loss = bradley_terry_loss(chosen, rejected)
-        return loss, {"accuracy": float((chosen > rejected).float().mean())}
-
-    metrics = train_loop(model, len(pairs), batch_loss, epochs, batch_size, lr, seed, log)
+    """Fit the reward model with `cfg.loss` (`cfg.use_margin` applies to bradley_terry, the pairwise
+    loss); stores reward_mean / reward_std of the training responses in its config."""
+    if cfg.loss == "bradley_terry":
+        objective = PairwiseObjective(tokenizer, pairs, cfg.use_margin)
+    else:
+        objective = RankingObjective(tokenizer, rankings(pairs), PROMPT_LOSSES[cfg.loss])
+    metrics = train_loop(model, objective, cfg, seed, log, checkpoint_dir, "reward")
     rewards = score_texts(
         model, tokenizer, [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs]
     )

@@ -3,18 +3,27 @@
 SFT computes the loss on response tokens only (the prompt is masked), as InstructGPT's SFT does;
 pretraining is the same with an empty prompt. Demonstrations are curated LIMA-style (Zhou et al.
 2023): deduplicated, length-bounded and filtered on quality, not on sentiment.
+
+A demonstration is plain `prompt + response + EOS`, or a user turn and an assistant turn rendered
+by a chat template. With packing, demonstrations share rows of `max_length` tokens with no
+padding; attention stays within each one, so the loss is the loss without packing.
 """
 
 from __future__ import annotations
 
+import bisect
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from components import gold
+from components import gold, lm
+from components.config import PipelineConfig, TrainerConfig
+from components.layout import read_records
 from components.lm import forward
-from components.training import MetricsLogger, no_logging, train_loop
+from components.training import MetricsLogger, no_logging, save_on_main, train_loop
 
 
 @dataclass(frozen=True)
@@ -23,72 +32,206 @@ class Demonstration:
     response: str
 
 
-def masked_lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy averaged over the tokens where `loss_mask` is 1.
+def masked_lm_loss(
+    logits: torch.Tensor, input_ids: torch.Tensor, loss_mask: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
+    """Next-token cross-entropy over the tokens where `loss_mask` is 1.
 
         L = - (1 / |M|) * sum_{t in M} log p(x_t | x_<t)
 
     `logits[:, t]` predicts `input_ids[:, t + 1]`; `loss_mask[:, t]` marks whether `input_ids[:, t]`
-    is trained on (response and EOS tokens in SFT, every real token in pretraining).
+    is trained on (response and EOS tokens in SFT, every real token in pretraining). With
+    `reduction="sum"` the 1 / |M| is left out: the training loop divides by the tokens of the
+    whole optimizer step, so micro-batches and processes weigh every token equally.
     """
     logits, targets, mask = logits[:, :-1], input_ids[:, 1:], loss_mask[:, 1:].float()
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1), reduction="none")
-    return (nll * mask.reshape(-1)).sum() / mask.sum().clamp(min=1)
+    total = (nll * mask.reshape(-1)).sum()
+    return total if reduction == "sum" else total / mask.sum().clamp(min=1)
 
 
-def encode(tokenizer, demos: list[Demonstration], max_length: int):
-    """Right-padded ids, attention mask and loss mask (response + EOS) for each demonstration."""
-    rows, masks = [], []
-    for demo in demos:
-        prompt = tokenizer(demo.prompt, add_special_tokens=False)["input_ids"] if demo.prompt else []
-        response = tokenizer(demo.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append((prompt + response)[:max_length])
-        masks.append(([0] * len(prompt) + [1] * len(response))[:max_length])
-    width = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+def render(tokenizer, demo: Demonstration, chat_template: str | None) -> tuple[str, str]:
+    """The prompt text and the response text that follows it.
+
+    With a chat template ('tokenizer' for the tokenizer's own), the prompt is the user turn
+    rendered with the generation prompt, i.e. what the policy is given at sampling time, and the
+    response is the rest of the rendered conversation.
+    """
+    if chat_template is None:
+        return demo.prompt, demo.response
+    template = None if chat_template == "tokenizer" else chat_template
+    user = {"role": "user", "content": demo.prompt}
+    prompt = tokenizer.apply_chat_template([user], chat_template=template, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(
+        [user, {"role": "assistant", "content": demo.response}], chat_template=template, tokenize=False
+    )
+    if not full.startswith(prompt):
+        name = "the tokenizer's chat template" if template is None else f"chat template {template!r}"
+        raise ValueError(
+            f"{name}: the user turn rendered with add_generation_prompt=True ({prompt!r}) is not a prefix of the "
+            f"conversation rendered with the assistant turn ({full!r}), so the response cannot be told from the prompt"
+        )
+    return prompt, full[len(prompt) :]
+
+
+def tokenize(tokenizer, demo: Demonstration, chat_template: str | None = None) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + response + EOS, and the loss mask: 1 on the response and the EOS.
+
+    The prompt and the response are tokenised apart, so the prompt's tokens are exactly those the
+    policy is conditioned on when sampling. EOS is appended unless the response already ends with
+    it (as TRL's `add_eos` does): sampling stops at EOS, so the policy must learn to emit it. The
+    first token is never trained on: nothing predicts it, and in a packed row the token before it
+    belongs to another demonstration.
+    """
+    prompt_text, response_text = render(tokenizer, demo, chat_template)
+    prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response = tokenizer(response_text, add_special_tokens=False)["input_ids"]
+    if response[-1:] != [tokenizer.eos_token_id]:
+        response.append(tokenizer.eos_token_id)
+    mask = [0] * len(prompt) + [1] * len(response)
+    mask[0] = 0
+    return prompt + response, mask
+
+
+def pad(rows: list[tuple[list[int], list[int]]], pad_token_id: int):
+    """Right-padded ids, attention mask and loss mask of (ids, loss mask) rows."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
     loss_mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, (row, mask) in enumerate(zip(rows, masks)):
-        input_ids[i, : len(row)] = torch.tensor(row)
-        attention_mask[i, : len(row)] = 1
-        loss_mask[i, : len(row)] = torch.tensor(mask)
+    for i, (ids, mask) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        loss_mask[i, : len(ids)] = torch.tensor(mask)
     return input_ids, attention_mask, loss_mask
 
 
+def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bins of example indices whose lengths sum to at most `capacity`: longest example first,
+    each into the fullest bin it fits in (best-fit decreasing: at most 11/9 OPT + 6/9 bins)."""
+    bins: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, bin), sorted
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        slot = bisect.bisect_left(free, (lengths[i], -1))
+        if slot == len(free):
+            bins.append([])
+            room, b = capacity, len(bins) - 1
+        else:
+            room, b = free.pop(slot)
+        bins[b].append(i)
+        bisect.insort(free, (room - lengths[i], b))
+    return bins
+
+
+def pack(examples: list[tuple[list[int], list[int]]], max_length: int, pad_token_id: int):
+    """Examples concatenated into rows of at most `max_length` tokens (`best_fit_decreasing`):
+    `pad`'s tensors and position ids that restart at 0 with each example (0 on the padding)."""
+    bins = best_fit_decreasing([len(ids) for ids, _ in examples], max_length)
+    rows = [tuple(sum((examples[i][part] for i in b), []) for part in (0, 1)) for b in bins]
+    input_ids, attention_mask, loss_mask = pad(rows, pad_token_id)
+    position_ids = torch.zeros_like(input_ids)
+    for row, b in enumerate(bins):
+        positions = torch.cat([torch.arange(len(examples[i][0])) for i in b])
+        position_ids[row, : len(positions)] = positions
+    return input_ids, attention_mask, loss_mask, position_ids
+
+
+def packed_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor):
+    """The model on packed rows. With no attention mask and no cache, transformers reads the
+    examples' boundaries off the restarting position ids and attends block-diagonally
+    (masking_utils.find_packed_sequence_indices): no token sees another example."""
+    device = next(model.parameters()).device
+    return model(input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False)
+
+
+class LMObjective:
+    """Next-token loss on the loss-masked tokens of each row (see `masked_lm_loss`); rows are
+    padded examples, or packed ones when `position_ids` are given (see `pack`)."""
+
+    def __init__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        loss_mask: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+    ):
+        self.input_ids, self.attention_mask, self.loss_mask = input_ids, attention_mask, loss_mask * attention_mask
+        self.position_ids = position_ids
+        self.n_examples = len(input_ids)
+
+    def n_terms(self, indices: list[int]) -> int:
+        return int(self.loss_mask[indices, 1:].sum())
+
+    def loss(self, model, indices: list[int]):
+        width = int(self.attention_mask[indices].sum(1).max())  # trim the batch to its longest row
+        ids, att, mask = (t[indices, :width] for t in (self.input_ids, self.attention_mask, self.loss_mask))
+        if self.position_ids is None:
+            logits = forward(model, ids, att).logits
+        else:
+            logits = packed_forward(model, ids, self.position_ids[indices, :width]).logits
+        return masked_lm_loss(logits, ids.to(logits.device), mask.to(logits.device), reduction="sum"), {}
+
+
+def lm_objective(
+    tokenizer, demos: list[Demonstration], max_length: int, packing: bool = False, chat_template: str | None = None
+) -> LMObjective:
+    """The demonstrations tokenised (`tokenize`), truncated to `max_length`, padded or packed."""
+    examples = [tokenize(tokenizer, demo, chat_template) for demo in demos]
+    examples = [(ids[:max_length], mask[:max_length]) for ids, mask in examples]
+    if packing:
+        return LMObjective(*pack(examples, max_length, tokenizer.pad_token_id))
+    return LMObjective(*pad(examples, tokenizer.pad_token_id))
+
+
 def train(
-    model, tokenizer, demos: list[Demonstration], max_length: int, epochs: int, batch_size: int, lr: float,
-    seed: int, log: MetricsLogger = no_logging,
+    model, tokenizer, demos: list[Demonstration], max_length: int, cfg: TrainerConfig, seed: int,
+    log: MetricsLogger = no_logging, checkpoint_dir=None, packing: bool = False, chat_template: str | None = None,
 ) -> dict:
-    input_ids, attention_mask, loss_mask = encode(tokenizer, demos, max_length)
+    """Fine-tune on the demonstrations; returns the last epoch's mean loss and perplexity.
 
-    def batch_loss(idx: torch.Tensor):
-        width = int(attention_mask[idx].sum(1).max())  # trim the batch to its longest row
-        ids, att, lm = input_ids[idx, :width], attention_mask[idx, :width], loss_mask[idx, :width]
-        loss = masked_lm_loss(forward(model, ids, att).logits, ids, lm * att)
-        return loss, {"perplexity": float(torch.exp(loss.detach()))}
+    With `packing`, `cfg.batch_size` counts packed rows of `max_length` tokens, not demonstrations.
+    """
+    objective = lm_objective(tokenizer, demos, max_length, packing, chat_template)
+    metrics = train_loop(model, objective, cfg, seed, log, checkpoint_dir, description="sft")
+    return {**metrics, "perplexity": math.exp(metrics["loss"])}
 
-    return train_loop(model, len(demos), batch_loss, epochs, batch_size, lr, seed, log)
+
+def run(cfg: PipelineConfig, model_path: str, data_path: str, out: Path, log: MetricsLogger = no_logging) -> dict:
+    """`rlhf train sft`: the causal LM at `model_path` fine-tuned on the demonstrations JSONL at
+    `data_path` (fields prompt and response) with the `sft` section, saved to `out`. Checkpoints
+    go to out/checkpoints, where a killed run resumes from."""
+    out = Path(out)
+    model, tokenizer = lm.load_policy(model_path)
+    demos = [Demonstration(row["prompt"], row["response"]) for row in read_records(data_path, ("prompt", "response"))]
+    metrics = train(
+        model, tokenizer, demos, min(cfg.base.max_length, lm.context_length(model)), cfg.sft, cfg.seed, log,
+        out / "checkpoints", packing=cfg.sft.packing, chat_template=cfg.sft.chat_template,
+    )
+    save_on_main(out, lambda folder: lm.save_policy(model, tokenizer, folder))
+    return {**metrics, "demonstrations": len(demos)}
 
 
 def curate(candidates: list[Demonstration], n: int, min_words: int, max_words: int, min_quality: float):
     """LIMA-style curation: drop duplicates, responses outside the length bounds and low quality.
 
-    Returns (kept, counts of what each filter removed); the first `n` survivors are kept.
+    Responses that differ only in case or whitespace are duplicates. Returns (kept, counts of what
+    each filter removed); the first `n` survivors are kept.
     """
     seen: set[str] = set()
     kept: list[Demonstration] = []
     dropped = {"duplicate": 0, "length": 0, "quality": 0}
     for demo in candidates:
-        words = len(demo.response.split())
-        if demo.response in seen:
+        words = demo.response.split()
+        key = " ".join(words).lower()
+        if key in seen:
             dropped["duplicate"] += 1
-        elif not min_words <= words <= max_words:
+        elif not min_words <= len(words) <= max_words:
             dropped["length"] += 1
         elif gold.score(demo.prompt, demo.response).quality < min_quality:
             dropped["quality"] += 1
         else:
             kept.append(demo)
-            seen.add(demo.response)
+            seen.add(key)
         if len(kept) == n:
             break
     return kept, dropped

@@ -8,9 +8,11 @@ call it, and so does `rlhf stage NAME`, which is what `dvc.yaml` runs.
 
 from __future__ import annotations
 
-import collections
 import copy
+import json
+import os
 import random
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -19,7 +21,8 @@ import mlflow
 import torch
 
 from components import (
-    annotators, evaluation, gold, lm, ppo, preferences, reward_model, sft, tracking, validation, world,
+    annotators, best_of_n, dpo, evaluation, gold, lm, p3o, ppo, preferences, rest, reward_model, sft, tracking,
+    validation, world,
 )
 from components.config import PipelineConfig
 from components.layout import (
@@ -41,6 +44,24 @@ class StageError(RuntimeError):
 
 def _path(root: str, key: str) -> Path:
     return Path(root) / PATHS[key]
+
+
+def checkpoints(root: str, stage: str) -> Path:
+    """Where a stage's trainer keeps the checkpoints a killed run resumes from (see `run_stage`)."""
+    return Path(root) / "checkpoints" / stage
+
+
+def _prepare_checkpoints(root: str, stage: str, params: dict, inputs: list[Artifact]) -> Path:
+    """Checkpoints left by a killed run of the same stage on the same configuration and inputs are
+    kept for its trainer to resume from; any others are stale and removed."""
+    folder = checkpoints(root, stage)
+    key = json.dumps({"params": params, "inputs": {a.name: a.md5 for a in inputs}}, sort_keys=True, default=str)
+    stamp = folder / "run.json"
+    if folder.exists() and (not stamp.is_file() or stamp.read_text() != key):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(key)
+    return folder
 
 
 def _reviews(root: str) -> list[world.Review]:
@@ -84,7 +105,7 @@ def pretrain(cfg: PipelineConfig, root: str, log) -> Outcome:
         tokenizer = lm.train_tokenizer(documents, base.vocab_size)
         model = lm.build_model(tokenizer, base.n_layer, base.n_head, base.n_embd, base.max_length)
         demos = [sft.Demonstration("", doc) for doc in documents]
-        metrics = sft.train(model, tokenizer, demos, base.max_length, base.epochs, base.batch_size, base.lr, cfg.seed, log)
+        metrics = sft.train(model, tokenizer, demos, base.max_length, base, cfg.seed, log, checkpoints(root, "pretrain"))
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
     lm.save_policy(model, tokenizer, _path(root, "base"))
     return Outcome(metrics, tracking.log_transformers_model(model, tokenizer, "text-generation", "Base language model"))
@@ -102,7 +123,8 @@ def supervised_fine_tune(cfg: PipelineConfig, root: str, log) -> Outcome:
     write_jsonl(_path(root, "demonstrations"), [asdict(d) for d in demos])
     model, tokenizer = lm.load_policy(_path(root, "base"))
     metrics = sft.train(
-        model, tokenizer, demos, cfg.base.max_length, cfg.sft.epochs, cfg.sft.batch_size, cfg.sft.lr, cfg.seed, log
+        model, tokenizer, demos, cfg.base.max_length, cfg.sft, cfg.seed, log, checkpoints(root, "sft"),
+        packing=cfg.sft.packing, chat_template=cfg.sft.chat_template,
     )
     metrics.update({"demonstrations": len(demos), **{f"dropped_{k}": v for k, v in dropped.items()}})
     lm.save_policy(model, tokenizer, _path(root, "sft"))
@@ -125,14 +147,10 @@ def collect(cfg: PipelineConfig, root: str, log) -> Outcome:
 def label(cfg: PipelineConfig, root: str, log) -> Outcome:
     if cfg.data.source:
         return Outcome(ingest_preferences(cfg, root))
-    by_prompt: dict[str, list[annotators.Sample]] = collections.defaultdict(list)
-    for row in read_jsonl(_path(root, "samples")):
-        score = gold.gold_reward(row["prompt"], row["completion"], row["ended_with_eos"])
-        by_prompt[row["prompt"]].append(annotators.Sample(row["prompt"], row["completion"], score))
-    labels, stats = annotators.label(
-        by_prompt, cfg.annotators.n_annotators, cfg.annotators.target_agreement, cfg.seed
+    pairs, stats = annotators.label_samples(
+        read_jsonl(_path(root, "samples")), cfg.annotators.n_annotators, cfg.annotators.target_agreement, cfg.seed
     )
-    write_jsonl(_path(root, "preferences"), annotators.as_rows(labels))
+    write_jsonl(_path(root, "preferences"), pairs)
     return Outcome(stats)
 
 
@@ -189,26 +207,141 @@ def train_reward_model(cfg: PipelineConfig, root: str, log) -> Outcome:
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
     _, tokenizer = lm.load_policy(_path(root, "sft"))
     model = reward_model.load(_path(root, "sft"))
-    metrics = reward_model.train(
-        model, tokenizer, train_pairs, cfg.reward.epochs, cfg.reward.batch_size, cfg.reward.lr, cfg.seed, log
-    )
+    metrics = reward_model.train(model, tokenizer, train_pairs, cfg.reward, cfg.seed, log, checkpoints(root, "reward"))
     metrics["eval_accuracy"] = reward_model.accuracy(model, tokenizer, eval_pairs)
     model.save_pretrained(str(_path(root, "reward")), safe_serialization=True)
     tokenizer.save_pretrained(str(_path(root, "reward")))
     return Outcome(metrics, tracking.log_transformers_model(model, tokenizer, "text-classification", "Reward model (Bradley-Terry)"))
 
 
-def train_ppo(cfg: PipelineConfig, root: str, log) -> Outcome:
-    policy, tokenizer = lm.load_policy(_path(root, "sft"))
-    ref_policy = copy.deepcopy(policy)
-    critic = reward_model.load(_path(root, "reward"))
-    reward = reward_model.load(_path(root, "reward"))
-    metrics = ppo.train(
-        policy, ref_policy, critic, reward, tokenizer, _prompts(root, "train"), cfg.ppo, cfg.sampling, cfg.seed,
-        log, gold_reward=gold.gold_reward,
+def _pairs(rows: list[dict]) -> list[reward_model.Pair]:
+    return [reward_model.Pair(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+
+
+def _probing(log, probe, total: int, first_step: int):
+    """A `log` that also takes a frontier measurement after each logged step of a method whose
+    steps are numbered from `first_step`."""
+
+    def wrapped(metrics: dict, step: int) -> None:
+        log(metrics, step)
+        probe(step - first_step + 1, total)
+
+    return wrapped
+
+
+def _train_method(
+    cfg: PipelineConfig, policy, sft_policy, reward, tokenizer, prompts, pairs, seed: int, log, probe, folder: Path
+):
+    """One round of the configured RL method on `policy`; returns the trained policy (the same
+    object, except after DPO with LoRA, whose adapters are merged) and the method's last metrics."""
+    algorithm, gold_reward = cfg.rl.algorithm, gold.gold_reward
+    if algorithm == "ppo":
+        if cfg.ppo.critic == "value_head":
+            critic = ppo.ValueHead(policy.config.hidden_size)
+        else:  # initialised from the reward model, as in InstructGPT
+            critic = copy.deepcopy(reward).requires_grad_(True)
+        return policy, ppo.train(
+            policy, sft_policy, critic, reward, tokenizer, prompts, cfg.ppo, cfg.sampling, seed, log, gold_reward,
+            checkpoint_dir=folder, probe=probe,
+        )
+    if algorithm in ("p3o_v1", "p3o_v2"):
+        return policy, p3o.train(
+            policy, sft_policy, reward, tokenizer, prompts, cfg.p3o, cfg.sampling, seed, algorithm.removeprefix("p3o_"),
+            log, gold_reward, checkpoint_dir=folder, probe=probe,
+        )
+    if algorithm == "rest":
+        total = cfg.rest.grow_steps * cfg.rest.improve_steps
+        return policy, rest.train(
+            policy, sft_policy, reward, tokenizer, prompts, cfg.rest, cfg.sampling, seed, _probing(log, probe, total, 0),
+            gold_reward,
+        )
+    if algorithm == "best_of_n":
+        return policy, best_of_n.train(
+            policy, sft_policy, reward, tokenizer, prompts, cfg.best_of_n, cfg.sampling, seed,
+            _probing(log, probe, 1, 0), gold_reward,
+        )
+    # dpo: on the labelled pairs (and each round's fresh ones); the reward model only scores the frontier
+    train_pairs = _pairs(pairs)
+    total = cfg.dpo.epochs * max(1, len(train_pairs) // cfg.dpo.batch_size)
+    return dpo.train(
+        policy, tokenizer, train_pairs, min(cfg.base.max_length, lm.context_length(policy)), cfg.dpo, seed,
+        _probing(log, probe, total, 1), folder,
     )
+
+
+def _fresh_preferences(cfg: PipelineConfig, policy, tokenizer, prompts: list[str], round_: int) -> tuple[list[dict], dict]:
+    """Samples of the current policy labelled afresh by the simulated annotators."""
+    chosen = random.Random(cfg.seed + round_).sample(prompts, k=min(cfg.rl.round_prompts, len(prompts)))
+    repeated = [p for p in chosen for _ in range(cfg.collect.k)]
+    samples = lm.sample_many(policy, tokenizer, repeated, cfg.sampling, cfg.seed + round_)
+    rows = [{"prompt": p, "completion": c, "ended_with_eos": e} for p, c, e in samples]
+    return annotators.label_samples(rows, cfg.annotators.n_annotators, cfg.annotators.target_agreement, cfg.seed + round_)
+
+
+def reinforce(cfg: PipelineConfig, root: str, log) -> Outcome:
+    """RL fine-tuning of the SFT policy with `rl.algorithm`, for `rl.rounds` online rounds.
+
+    Between rounds, samples of the current policy get fresh simulated labels, the reward model is
+    trained further on them and DPO gets them as new pairs. Each finished round is saved, so a
+    killed run resumes at the round it was in (PPO also within it, from its own checkpoints).
+    `rl.probe_points` times a round a frontier point (KL to SFT, gold and proxy reward on held-out
+    prompts) goes to the trace that the KL-reward frontier plot draws.
+    """
+    folder = checkpoints(root, "rl")
+    policy, tokenizer = lm.load_policy(_path(root, "sft"))
+    sft_policy, _ = lm.load_policy(_path(root, "sft"))
+    sft_policy.requires_grad_(False)
+    reward = reward_model.load(_path(root, "reward"))
+    prompts, probe_prompts = _prompts(root, "train"), _prompts(root, "eval")[: cfg.rl.probe_prompts]
+    pairs = read_jsonl(_path(root, "preferences"))
+    trace_file = folder / "trace.jsonl"
+    finished = sorted(folder.glob("after-round-*"))  # written whole, then renamed: complete or absent
+    done, round_stats = 0, {}
+    if finished:
+        state = finished[-1]
+        progress = json.loads((state / "round.json").read_text())
+        done, round_stats = progress["done"], progress["stats"]
+        policy, _ = lm.load_policy(state / "policy")
+        reward = reward_model.load(state / "reward")
+        pairs = read_jsonl(state / "pairs.jsonl")
+
+    metrics: dict = {}
+    for round_ in range(done, cfg.rl.rounds):
+        steps_before = round_ * 10_000  # frontier and MLflow steps stay increasing across rounds
+
+        def probe(step: int, total: int) -> None:
+            if cfg.rl.probe_points and (step % max(1, total // cfg.rl.probe_points) == 0 or step == total):
+                point = evaluation.frontier_point(policy, sft_policy, reward, tokenizer, probe_prompts, cfg.sampling, cfg.seed)
+                with open(trace_file, "a") as handle:
+                    handle.write(json.dumps({"round": round_, "step": steps_before + step, **point}) + "\n")
+
+        if round_ == 0:
+            probe(0, 1)
+        policy, metrics = _train_method(
+            cfg, policy, sft_policy, reward, tokenizer, prompts, pairs, cfg.seed + round_,
+            lambda m, step: log(m, steps_before + step), probe, folder / f"round-{round_}",
+        )
+        if round_ + 1 < cfg.rl.rounds:
+            fresh, stats = _fresh_preferences(cfg, policy, tokenizer, prompts, round_ + 1)
+            pairs = pairs + fresh
+            reward_model.train(reward.requires_grad_(True), tokenizer, _pairs(fresh), cfg.reward, cfg.seed + round_ + 1)
+            round_stats.update({f"round{round_ + 1}_{key}": value for key, value in stats.items()})
+            partial = folder / "partial-round"
+            shutil.rmtree(partial, ignore_errors=True)
+            lm.save_policy(policy, tokenizer, partial / "policy")
+            reward.save_pretrained(str(partial / "reward"), safe_serialization=True)
+            write_jsonl(partial / "pairs.jsonl", pairs)
+            (partial / "round.json").write_text(json.dumps({"done": round_ + 1, "stats": round_stats}))
+            os.replace(partial, folder / f"after-round-{round_:03d}")
+
+    trace = {}  # a step measured again after a resume keeps its last value
+    for row in read_jsonl(trace_file) if trace_file.is_file() else []:
+        trace[row["step"]] = {"algorithm": cfg.rl.algorithm, **row}
+    write_jsonl(_path(root, "trace"), [trace[step] for step in sorted(trace)])
     lm.save_policy(policy, tokenizer, _path(root, "policy"))
-    return Outcome(metrics, tracking.log_transformers_model(policy, tokenizer, "text-generation", "PPO policy"))
+    description = f"{cfg.rl.algorithm} policy"
+    model_uri = tracking.log_transformers_model(policy, tokenizer, "text-generation", description)
+    return Outcome({**metrics, **round_stats}, model_uri)
 
 
 def evaluate(cfg: PipelineConfig, root: str, log) -> Outcome:
@@ -230,7 +363,7 @@ IMPLEMENTATIONS: dict[str, Callable[[PipelineConfig, str, Callable], Outcome]] =
     "label": label,
     "validate": validate,
     "reward": train_reward_model,
-    "ppo": train_ppo,
+    "rl": reinforce,
     "evaluate": evaluate,
 }
 
@@ -263,11 +396,14 @@ def run_stage(name: str, cfg: PipelineConfig, root: str | Path, parent_run_id: s
             raise StageError(f"stage '{name}' needs {PATHS[dep]} under {root}: run the stage that writes it first") from None
     tracking.configure(root, cfg.experiment)
     torch.manual_seed(cfg.seed)
-    with tracking.stage_run(name, stage_params(cfg, name), inputs, parent_run_id) as run:
+    params = stage_params(cfg, name)
+    checkpoint_folder = _prepare_checkpoints(root, name, params, inputs)
+    with tracking.stage_run(name, params, inputs, parent_run_id) as run:
         outcome = IMPLEMENTATIONS[name](cfg, root, tracking.metric_logger("train"))
         outputs = [Artifact.of(root, key) for key in stage.outs + stage.metrics]
         mlflow.log_metrics({key: float(value) for key, value in outcome.metrics.items()})
         tracking.log_outputs(outputs)
+    shutil.rmtree(checkpoint_folder)
     return StageResult(
         stage=name,
         outputs={a.name: a for a in outputs},

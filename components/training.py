@@ -1,27 +1,57 @@
-"""The supervised training loop shared by pretraining, SFT and reward modelling.
+"""The one training loop: pretraining, SFT, reward models and DPO all run through `train_loop`.
 
-Each trainer supplies `batch_loss(indices) -> (loss, metrics)`; this loop owns shuffling,
-AdamW with linear warm-up and cosine decay, gradient clipping and metric logging.
+It runs unchanged on a CPU, one GPU or several processes (`accelerate launch`: DDP, FSDP,
+DeepSpeed), in bf16 on GPUs that support it. A trainer supplies an `Objective`: how many loss
+terms a set of examples holds (tokens for SFT, pairs for reward models and DPO) and their summed
+loss. The loop divides by the number of terms in the whole optimizer step, across processes and
+accumulation steps, so the gradient is the same however the batch is split: 2 processes give the
+loss curve of 1 with the same global batch.
+
+Checkpoints hold the model, optimizer, scheduler, every RNG state and the data position (the
+optimizer step: each epoch's order is a fixed permutation of the seed), so a run killed at any
+point and started again continues as if it had never stopped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
-from typing import Callable
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Protocol
 
 import torch
+from accelerate import Accelerator, PartialState
+from tqdm.auto import tqdm
+
+from components.config import TrainerConfig
 
 MetricsLogger = Callable[[dict, int], None]
-WARMUP_FRACTION = 0.05
-MAX_GRAD_NORM = 1.0
+STATE_FILE = "trainer_state.json"
 
 
 def no_logging(metrics: dict, step: int) -> None:
     pass
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = max(1, int(total_steps * WARMUP_FRACTION))
+class Objective(Protocol):
+    """A training objective over `n_examples` examples, addressed by index."""
+
+    n_examples: int
+
+    def n_terms(self, indices: list[int]) -> int:
+        """Loss terms in these examples: the denominator of the mean loss (tokens, pairs)."""
+
+    def loss(self, model: torch.nn.Module, indices: list[int]) -> tuple[torch.Tensor, dict[str, float]]:
+        """Summed loss over the examples' terms, and metrics summed the same way (a metric
+        reported as its mean over the step's terms, e.g. the number of correctly ordered pairs)."""
+
+
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fraction: float):
+    """Linear warm-up, then cosine decay to 10% of the peak learning rate."""
+    warmup = max(1, int(total_steps * warmup_fraction))
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -32,42 +62,152 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int) -> torch.o
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def minibatches(n: int, batch_size: int, generator: torch.Generator) -> list[torch.Tensor]:
-    return list(torch.randperm(n, generator=generator).split(batch_size))
+def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
+    """An Accelerator for this process; `auto` means bf16 where a CUDA GPU supports it."""
+    if mixed_precision == "auto":
+        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    # cpu=True without CUDA: under `accelerate launch --multi_gpu` the processes then join over gloo.
+    # The scheduler counts optimizer steps, not per-process batches.
+    return Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision, step_scheduler_with_optimizer=False
+    )
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP wrapper (for adapter switches and attributes)."""
+    return getattr(model, "module", model)
+
+
+def step_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The optimizer steps of one epoch: a seeded permutation cut into global batches; the last
+    partial batch is dropped (unless it is the only one) so that every step has the same size."""
+    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    steps = max(1, n_examples // batch_size)
+    return [order[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
+
+
+def micro_batches(batch: list[int], process: int, n_processes: int, accumulation: int) -> list[list[int]]:
+    """This process's share of a global batch, cut into `accumulation` micro-batches."""
+    share = batch[process::n_processes]
+    if len(share) < accumulation:
+        raise ValueError(
+            f"a batch of {len(batch)} examples cannot feed {n_processes} processes x {accumulation} accumulation steps"
+        )
+    size = math.ceil(len(share) / accumulation)
+    return [share[i : i + size] for i in range(0, len(share), size)]
+
+
+def save_on_main(out: Path, save: Callable[[Path], None]) -> None:
+    """Write the trained model from one process (under `accelerate launch` all of them finish the
+    loop) and drop the checkpoints: the run is complete, a rerun starts afresh."""
+    if PartialState().is_main_process:
+        save(out)
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def latest_checkpoint(checkpoint_dir: Path | None) -> Path | None:
+    if checkpoint_dir is None or not checkpoint_dir.is_dir():
+        return None
+    done = sorted(p for p in checkpoint_dir.glob("step-*") if (p / STATE_FILE).is_file())
+    return done[-1] if done else None
+
+
+def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int) -> None:
+    """Write the state to a temporary folder and rename it, so a kill mid-save leaves the previous
+    checkpoint as the latest; older checkpoints are removed."""
+    final, partial = checkpoint_dir / f"step-{step:08d}", checkpoint_dir / f"partial-{step:08d}"
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        (partial / STATE_FILE).write_text(json.dumps({"step": step}))
+        os.replace(partial, final)
+        for old in checkpoint_dir.glob("step-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 def train_loop(
     model: torch.nn.Module,
-    n_examples: int,
-    batch_loss: Callable[[torch.Tensor], tuple[torch.Tensor, dict]],
-    epochs: int,
-    batch_size: int,
-    lr: float,
+    objective: Objective,
+    cfg: TrainerConfig,
     seed: int,
     log: MetricsLogger = no_logging,
-    log_every: int = 10,
+    checkpoint_dir: str | Path | None = None,
+    description: str = "train",
 ) -> dict:
-    """Train `model` for `epochs` passes; returns the mean metrics of the last epoch."""
-    generator = torch.Generator().manual_seed(seed)
-    steps_per_epoch = math.ceil(n_examples / batch_size)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.01)
-    scheduler = warmup_cosine(optimizer, epochs * steps_per_epoch)
+    """Train `model` on `objective` with AdamW; returns the mean metrics of the last epoch.
+
+    With `checkpoint_dir`, the state is saved every `cfg.checkpoint_every` optimizer steps and the
+    loop starts from the latest checkpoint found there. The model is left unwrapped, in eval mode.
+    """
+    accelerator = make_accelerator(cfg.mixed_precision)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    batches_per_epoch = len(step_batches(objective.n_examples, cfg.batch_size, seed, 0))
+    total_steps = cfg.epochs * batches_per_epoch
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
+    )
+    scheduler = warmup_cosine(optimizer, total_steps, cfg.warmup_fraction)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    start = 0
+    resume_from = latest_checkpoint(checkpoint_dir)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        start = json.loads((resume_from / STATE_FILE).read_text())["step"]
+
     model.train()
+    progress = tqdm(
+        total=total_steps, initial=start, desc=description, disable=not accelerator.is_local_main_process or None
+    )
+    epoch_totals: dict[str, float] = {}
     step = 0
-    for epoch in range(epochs):
-        totals: dict[str, float] = {}
-        for indices in minibatches(n_examples, batch_size, generator):
-            loss, metrics = batch_loss(indices)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-            optimizer.step()
-            scheduler.step()
-            metrics = {"loss": loss.item(), **metrics}
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value
-            if step % log_every == 0:
-                log({**metrics, "lr": scheduler.get_last_lr()[0], "epoch": epoch}, step)
+    for epoch in range(cfg.epochs):
+        epoch_totals = {}
+        for batch in step_batches(objective.n_examples, cfg.batch_size, seed, epoch):
             step += 1
+            if step <= start:
+                continue
+            metrics = _optimizer_step(accelerator, model, optimizer, scheduler, objective, batch, cfg)
+            for key, value in metrics.items():
+                epoch_totals[key] = epoch_totals.get(key, 0.0) + value
+            if accelerator.is_main_process and (step % cfg.log_every == 0 or step == total_steps):
+                log({**metrics, "lr": scheduler.get_last_lr()[0], "epoch": epoch}, step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
+            if checkpoint_dir and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total_steps):
+                save_checkpoint(accelerator, checkpoint_dir, step)
+    progress.close()
+    accelerator.wait_for_everyone()
+    model = accelerator.unwrap_model(model)
     model.eval()
-    return {key: value / steps_per_epoch for key, value in totals.items()}
+    return {key: value / batches_per_epoch for key, value in epoch_totals.items()}
+
+
+def _optimizer_step(accelerator, model, optimizer, scheduler, objective: Objective, batch: list[int], cfg) -> dict:
+    """One optimizer step over a global batch; returns its metrics, averaged over all its terms."""
+    micro = micro_batches(batch, accelerator.process_index, accelerator.num_processes, cfg.gradient_accumulation_steps)
+    local_terms = torch.tensor(float(sum(objective.n_terms(m) for m in micro)), device=accelerator.device)
+    total_terms = accelerator.reduce(local_terms, reduction="sum").clamp(min=1)
+    # DDP averages gradients over processes; scaling by their number makes the result a sum
+    scale = accelerator.num_processes / total_terms
+    sums: dict[str, float] = {"loss": 0.0}
+    for i, indices in enumerate(micro):
+        last = i == len(micro) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            with accelerator.autocast():
+                loss_sum, metric_sums = objective.loss(model, indices)
+            accelerator.backward(loss_sum * scale)
+        sums["loss"] += float(loss_sum.detach())
+        for key, value in metric_sums.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    keys = sorted(sums)
+    totals = accelerator.reduce(torch.tensor([sums[k] for k in keys], device=accelerator.device), reduction="sum")
+    metrics = {key: float(value) / float(total_terms) for key, value in zip(keys, totals)}
+    metrics["grad_norm"] = float(grad_norm)
+    return metrics
+

@@ -2,8 +2,16 @@
 
     rlhf run   [--config params.yaml] [--set KEY=VALUE ...] [--root DIR]   the whole flow, through Prefect
     rlhf stage NAME [--config ...] [--set ...] [--root DIR]              one stage (what dvc.yaml runs)
+    rlhf compare [--methods ppo,p3o_v1,...] [--set ...] [--root DIR]     RL methods side by side + frontier plot
     rlhf data ingest SOURCE --out DIR [--format F] [--set data.KEY=VALUE ...]   external preference data
     rlhf data validate DIR [--set data.KEY=VALUE ...]                    the pairs suite on DIR/pairs.jsonl
+    rlhf train {sft,reward,dpo} --model M --data FILE --out DIR [--set sft.KEY=VALUE ...]   one trainer alone
+
+`rlhf train` fine-tunes the model folder (or hub id) M on a JSONL file: demonstrations with
+`prompt` and `response` for sft, preference pairs with `prompt`, `chosen` and `rejected` for reward
+and dpo (what `rlhf data ingest` writes). It checkpoints into DIR/checkpoints and, run again after a
+crash or kill, resumes from there. On several GPUs or CPU processes start it with
+`accelerate launch --multi_gpu --num_processes N -m flows.cli train ...`.
 
 The configuration is validated before anything runs; a bad key, type or file stops the command
 with one message naming it (exit code 2). `rlhf data` needs no Prefect: `ingest` writes
@@ -20,10 +28,11 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from components.config import ConfigError, DataConfig, PipelineConfig, load_config
+from components.config import ConfigError, DataConfig, PipelineConfig, RLConfig, load_config
 from components.layout import STAGE_BY_NAME
 
 MESSAGES_SHOWN = 20
+ALGORITHMS = get_args(RLConfig.model_fields["algorithm"].annotation)
 
 
 def _common_options(command: argparse.ArgumentParser) -> None:
@@ -37,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="RLHF pipeline: Prefect flows, MLflow runs, DVC data.")
     commands = parser.add_subparsers(dest="command", required=True)
     _common_options(commands.add_parser("run", help="run the whole pipeline as a Prefect flow"))
+    compare = commands.add_parser("compare", help="run the pipeline once per RL method; plot the KL-reward frontier")
+    compare.add_argument("--methods", default=",".join(ALGORITHMS), help=f"comma-separated, from {','.join(ALGORITHMS)}")
+    _common_options(compare)
     stage = commands.add_parser("stage", help="run one stage")
     stage.add_argument("name", choices=list(STAGE_BY_NAME))
     _common_options(stage)
@@ -52,7 +64,47 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("dir", metavar="DIR")
     for command in (ingest, validate):
         _common_options(command)
+    train = commands.add_parser("train", help="train one model on a data file (sft, reward model or dpo)")
+    train.add_argument("kind", choices=["sft", "reward", "dpo"])
+    train.add_argument("--model", required=True, help="model folder or hub id to start from")
+    train.add_argument("--data", required=True, help="JSONL: prompt/response (sft) or prompt/chosen/rejected pairs")
+    train.add_argument("--out", required=True, metavar="DIR", help="folder for the trained model and its checkpoints")
+    _common_options(train)
     return parser
+
+
+def _train(args, cfg: PipelineConfig) -> int:
+    """One trainer on one file, logged to MLflow by the main process; resumes from DIR/checkpoints."""
+    import importlib
+
+    import mlflow
+    from accelerate import PartialState
+
+    from components import tracking
+    from components.training import no_logging
+
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    trainer = importlib.import_module({"sft": "components.sft", "reward": "components.reward_model",
+                                       "dpo": "components.dpo"}[args.kind])
+    section = {"sft": cfg.sft, "reward": cfg.reward, "dpo": cfg.dpo}[args.kind]
+    try:
+        if not PartialState().is_main_process:
+            trainer.run(cfg, args.model, args.data, Path(args.out), no_logging)
+            return 0
+        tracking.configure(args.root, cfg.experiment)
+        with mlflow.start_run(run_name=f"train-{args.kind}", tags={tracking.STAGE_TAG: f"train-{args.kind}"}):
+            mlflow.log_params(tracking.flatten({args.kind: section.model_dump(), "model": args.model, "data": args.data}))
+            metrics = trainer.run(cfg, args.model, args.data, Path(args.out), tracking.metric_logger("train"))
+            mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
+    except (ValueError, OSError) as error:
+        print(f"data error: {error}", file=sys.stderr)
+        return 1
+    for key, value in metrics.items():
+        print(f"{key}: {value:.4f}")
+    print(f"model saved to {args.out}")
+    return 0
 
 
 def _config(args) -> PipelineConfig:
@@ -101,6 +153,24 @@ def _data(args, cfg: PipelineConfig) -> int:
     return 0
 
 
+def _compare(args, cfg: PipelineConfig, root: Path) -> int:
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(ALGORITHMS))
+    if unknown or not methods:
+        print(f"configuration error: --methods: unknown {', '.join(unknown) or '(none given)'}; "
+              f"choose from {', '.join(ALGORITHMS)}", file=sys.stderr)
+        return 2
+    from flows.compare import compare_methods
+
+    outcome = compare_methods(methods=methods, config=cfg, root=str(root))
+    keys = ("gold_win_rate_vs_sft", "kl_to_sft", "proxy_win_rate_vs_sft", "gold_reward_mean")
+    print("\n" + f"{'method':<12}" + "".join(f"{k:>24}" for k in keys))
+    for method, metrics in outcome["final"].items():
+        print(f"{method:<12}" + "".join(f"{metrics['eval/' + k]:>24.4f}" for k in keys))
+    print(f"KL-reward frontier: {outcome['plot']}")
+    return 0
+
+
 def _prefect_environment(root: Path) -> None:
     """Keep Prefect's database and cached results with the project unless the user chose otherwise."""
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
@@ -116,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "data":
         return _data(args, cfg)
+    if args.command == "train":
+        return _train(args, cfg)
     root = Path(args.root).resolve()
     from components.stages import StageError
 
@@ -128,10 +200,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{key}: {value:.4f}")
             return 0
         _prefect_environment(root)
+        if args.command == "compare":
+            return _compare(args, cfg, root)
         from flows.pipeline import format_table, rlhf_pipeline
 
         outcome = rlhf_pipeline(config=cfg, root=str(root))
-        print("\nRLHF pipeline summary (PPO policy vs SFT on held-out prompts)")
+        print(f"\nRLHF pipeline summary ({cfg.rl.algorithm} policy vs SFT on held-out prompts)")
         print(format_table(outcome["summary"]))
         return 0
     except StageError as error:

@@ -1,6 +1,6 @@
 """The RLHF pipeline as one Prefect flow (InstructGPT's loop on the configured world).
 
-world -> pretrain -> sft -> collect -> label -> validate -> reward -> ppo -> evaluate -> promote
+world -> pretrain -> sft -> collect -> label -> validate -> reward -> rl -> evaluate -> promote
 
 Stages run in the order of `layout.STAGES`, each cached by its inputs; the flow records one
 MLflow parent run, publishes the evaluation summary as a Prefect table artifact, and finally has
@@ -21,10 +21,11 @@ from components.layout import STAGES, StageResult
 from tasks.stages import promote_task, run
 
 
-def summary_rows(metrics: dict[str, float], promotion: dict) -> list[dict]:
+def summary_rows(metrics: dict[str, float], promotion: dict | None) -> list[dict]:
     rows = [{"metric": key, "value": round(value, 4)} for key, value in sorted(metrics.items()) if key.startswith("eval/")]
-    rows.append({"metric": "registered", "value": f"{promotion['model_name']} v{promotion['version']}"})
-    rows.append({"metric": "champion", "value": "yes" if promotion["champion"] else "no: " + "; ".join(promotion["reasons"])})
+    if promotion:
+        rows.append({"metric": "registered", "value": f"{promotion['model_name']} v{promotion['version']}"})
+        rows.append({"metric": "champion", "value": "yes" if promotion["champion"] else "no: " + "; ".join(promotion["reasons"])})
     return rows
 
 
@@ -34,8 +35,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 @flow(name="rlhf-pipeline", log_prints=True)
-def rlhf_pipeline(config: PipelineConfig = PipelineConfig(), root: str = ".") -> dict:
-    """Run every stage under `root` (a DVC repository), then register and maybe promote the policy."""
+def rlhf_pipeline(config: PipelineConfig = PipelineConfig(), root: str = ".", promote: bool = True) -> dict:
+    """Run every stage under `root` (a DVC repository), then register and maybe promote the policy
+    (`promote=False`: evaluation only, as when methods are compared)."""
     logger = get_run_logger()
     root = str(Path(root).resolve())
     tracking.configure(root, config.experiment)
@@ -49,13 +51,15 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig(), root: str = ".") ->
         metrics = results["evaluate"].metrics
         pipeline.log_metrics(metrics)
         pipeline.set_tags({f"data.{a.name}.md5": a.md5 for r in results.values() for a in r.outputs.values()})
-        promotion = promote_task(
-            results["ppo"].model_uri, results["ppo"].outputs["policy"].md5, metrics, config.promotion,
-            registry_uri=mlflow.get_registry_uri(),
-        )
-        pipeline.set_tags({"rlhf.registered_version": promotion["version"], "rlhf.champion": promotion["champion"]})
+        promotion = None
+        if promote:
+            promotion = promote_task(
+                results["rl"].model_uri, results["rl"].outputs["policy"].md5, metrics, config.promotion,
+                registry_uri=mlflow.get_registry_uri(),
+            )
+            pipeline.set_tags({"rlhf.registered_version": promotion["version"], "rlhf.champion": promotion["champion"]})
         rows = summary_rows(metrics, promotion)
-        create_table_artifact(key="rlhf-summary", table=rows, description="Evaluation of the PPO policy against SFT")
+        create_table_artifact(key="rlhf-summary", table=rows, description=f"Evaluation of the {config.rl.algorithm} policy against SFT")
         logger.info("summary\n%s", format_table(rows))
         versioning.record(root)
     except BaseException:

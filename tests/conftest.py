@@ -31,9 +31,21 @@ TINY = {
     "collect": {"n_prompts": 12, "k": 4},
     "reward": {"epochs": 1},
     "ppo": {"steps": 2, "batch_size": 8, "minibatch_size": 4, "ppo_epochs": 1},
+    "rl": {"probe_points": 2, "probe_prompts": 8},
     "eval": {"n_prompts": 12},
     "promotion": {"min_gold_win_rate": 0.0, "max_kl": 1000.0},
 }
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models: thread start-up and contention on a shared machine cost more than they save."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -11,13 +11,7 @@ MAX_NEW_TOKENS = 12
 SEED = 2  # with the EOS bias below this seed samples EOS at several different steps and leaves some rows without
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    # tiny ops: thread start-up and contention on a shared machine cost more than they save
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -63,7 +63,7 @@ def test_mlflow_has_parent_run_with_one_nested_run_per_stage(pipeline_run):
         (run,) = _runs(root, **{"rlhf.stage": stage.name})
         assert run.data.tags["mlflow.parentRunId"] == outcome["parent_run_id"]
         assert run.info.status == "FINISHED"
-    ppo_run = _runs(root, **{"rlhf.stage": "ppo"})[0]
+    ppo_run = _runs(root, **{"rlhf.stage": "rl"})[0]
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
     history = client.get_metric_history(ppo_run.info.run_id, "train/kl")
     assert [m.step for m in history] == [0, 1]
@@ -113,7 +113,7 @@ def test_rerun_skips_every_unchanged_stage(pipeline_run):
     rlhf_pipeline(config=changed, root=str(root))
     rerun = {r.data.tags["rlhf.stage"] for r in _runs(root)} - {"pipeline"}
     counts = {name: len(_runs(root, **{"rlhf.stage": name})) for name in rerun}
-    assert counts == {s.name: (2 if s.name in ("ppo", "evaluate") else 1) for s in STAGES}
+    assert counts == {s.name: (2 if s.name in ("rl", "evaluate") else 1) for s in STAGES}
 
 
 def test_pipeline_starts_from_an_ingested_external_set(pipeline_run, tmp_path):

