@@ -61,6 +61,7 @@ def load_policy(path: str | Path):
         tokenizer.add_special_tokens({"pad_token": PAD})
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.model_max_length = context_length(model)
     return model, tokenizer
 
 

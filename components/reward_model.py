@@ -17,16 +17,20 @@ config so that PPO can centre the rewards it optimises.
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from components.config import RewardConfig
-from components.lm import Rollout, forward, make_rollout
-from components.training import MetricsLogger, no_logging, train_loop
+from components.config import PipelineConfig, RewardConfig
+from components.layout import read_records
+from components import lm
+from components.lm import PAD, Rollout, forward, make_rollout
+from components.training import MetricsLogger, no_logging, save_on_main, train_loop
 
 
 @dataclass(frozen=True)
@@ -121,6 +125,20 @@ def load(path, num_labels: int = 1):
     return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels, use_safetensors=True)
 
 
+def load_with_tokenizer(path) -> tuple:
+    """A reward model and its tokenizer from a folder (or hub id, online). A causal backbone gets
+    a pad token distinct from EOS and left padding, as `lm.load_policy` gives the policy."""
+    model, tokenizer = load(path), AutoTokenizer.from_pretrained(str(path))
+    if not _is_encoder(tokenizer):
+        tokenizer.padding_side = "left"
+        tokenizer.model_max_length = lm.context_length(model)
+        if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
+            tokenizer.add_special_tokens({"pad_token": PAD})
+            model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
 def _is_encoder(tokenizer) -> bool:
     # BERT-style tokenizers frame a sequence as [CLS] ... [SEP], and their models score [CLS];
     # causal LMs score the last real token instead.
@@ -142,14 +160,15 @@ def encode(tokenizer, prompts: list[str], responses: list[str]) -> tuple[torch.T
 
     Causal LM: the rollout layout (prompt left-padded, response right-padded, EOS appended), the
     same tokens PPO's rollouts are scored on. Encoder: [CLS] prompt [SEP] response [SEP],
-    right-padded; a row longer than `tokenizer.model_max_length` loses its beginning, because two
-    replies to a long conversation (HH-RLHF) differ only in the final turn.
+    right-padded. In both, a row longer than `tokenizer.model_max_length` loses its beginning,
+    because two replies to a long conversation (HH-RLHF) differ only in the final turn.
     """
     if not _is_encoder(tokenizer):
         rollout = make_rollout(tokenizer, prompts, responses, [True] * len(prompts))
+        keep = tokenizer.model_max_length  # the context: longer rows lose the start of their prompt
         return (
-            torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1),
-            torch.cat([rollout.prompt_mask, rollout.response_mask], dim=1),
+            torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)[:, -keep:],
+            torch.cat([rollout.prompt_mask, rollout.response_mask], dim=1)[:, -keep:],
         )
     cls, sep, keep = tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.model_max_length - 2
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
@@ -272,3 +291,24 @@ def train(
     model.config.reward_mean = float(rewards.mean())
     model.config.reward_std = float(rewards.std().clamp(min=1e-6))
     return metrics
+
+
+def run(cfg: PipelineConfig, model_path: str, data_path: str, out: Path, log: MetricsLogger = no_logging) -> dict:
+    """`rlhf train reward`: a reward model on the backbone at `model_path` (a causal LM or any
+    sequence-classification model) trained on the pairs JSONL at `data_path` (prompt, chosen,
+    rejected, optionally margin; ties left out) with the `reward` section, a seeded
+    `reward.eval_fraction` held out for accuracy; saved with its tokenizer to `out`."""
+    rows = [row for row in read_records(data_path, ("prompt", "chosen", "rejected")) if not row.get("tie")]
+    pairs = [Pair(r["prompt"], r["chosen"], r["rejected"], float(r.get("margin") or 0.0)) for r in rows]
+    random.Random(cfg.seed).shuffle(pairs)
+    n_eval = max(1, int(len(pairs) * cfg.reward.eval_fraction))
+    model, tokenizer = load_with_tokenizer(model_path)
+    metrics = train(model, tokenizer, pairs[n_eval:], cfg.reward, cfg.seed, log, Path(out) / "checkpoints")
+    metrics["eval_accuracy"] = accuracy(model, tokenizer, pairs[:n_eval])
+
+    def save(folder: Path) -> None:
+        model.save_pretrained(str(folder), safe_serialization=True)
+        tokenizer.save_pretrained(str(folder))
+
+    save_on_main(Path(out), save)
+    return {**metrics, "train_pairs": len(pairs) - n_eval, "eval_pairs": n_eval}

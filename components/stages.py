@@ -200,8 +200,12 @@ def validate(cfg: PipelineConfig, root: str, log) -> Outcome:
     return Outcome(metrics, report=f"## Preference validation\n\n```\n{report.summary()}\n```")
 
 
+def _pairs(rows: list[dict]) -> list[reward_model.Pair]:
+    return [reward_model.Pair(r["prompt"], r["chosen"], r["rejected"], float(r.get("margin") or 0.0)) for r in rows]
+
+
 def train_reward_model(cfg: PipelineConfig, root: str, log) -> Outcome:
-    pairs = [reward_model.Pair(r["prompt"], r["chosen"], r["rejected"]) for r in read_jsonl(_path(root, "preferences"))]
+    pairs = _pairs(read_jsonl(_path(root, "preferences")))
     random.Random(cfg.seed).shuffle(pairs)
     n_eval = max(1, int(len(pairs) * cfg.reward.eval_fraction))
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
@@ -214,8 +218,6 @@ def train_reward_model(cfg: PipelineConfig, root: str, log) -> Outcome:
     return Outcome(metrics, tracking.log_transformers_model(model, tokenizer, "text-classification", "Reward model (Bradley-Terry)"))
 
 
-def _pairs(rows: list[dict]) -> list[reward_model.Pair]:
-    return [reward_model.Pair(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
 
 
 def _probing(log, probe, total: int, first_step: int):

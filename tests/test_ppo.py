@@ -45,3 +45,27 @@ def test_ppo_updates_policy_and_critic_and_adapts_beta(tmp_path):
     assert any(not torch.equal(p, before[n]) for n, p in critic.named_parameters())
     for name, p in [*ref_policy.named_parameters(), *reward.named_parameters()]:
         assert torch.equal(p, frozen[name]), name
+
+
+def test_ppo_with_a_value_head_on_the_policy_trains_policy_and_head():
+    torch.manual_seed(0)
+    reviews = generate_reviews(200, 0.1, 0.3, seed=0)
+    tokenizer = lm.train_tokenizer([r.document for r in reviews], 400)
+    policy = lm.build_model(tokenizer, n_layer=1, n_head=2, n_embd=32, max_length=64)
+    scorer_config = copy.deepcopy(policy.config)
+    scorer_config.num_labels = 1
+    reward = reward_model.AutoModelForSequenceClassification.from_config(scorer_config)  # an untrained scorer
+    reward.config.reward_mean, reward.config.reward_std = 0.0, 1.0
+    head = ppo.ValueHead(policy.config.hidden_size)
+    before = [p.clone() for p in [*policy.parameters(), *head.parameters()]]
+
+    cfg = PPOConfig(steps=2, batch_size=8, minibatch_size=4, ppo_epochs=2, lr=1e-3)
+    metrics = ppo.train(
+        policy, copy.deepcopy(policy), head, reward.eval(), tokenizer, [r.prompt(3) for r in reviews[:40]], cfg,
+        SamplingConfig(max_new_tokens=8), seed=0,
+    )
+
+    assert {"value_loss", "explained_variance", "clipfrac"} <= metrics.keys()
+    after = [*policy.parameters(), *head.parameters()]
+    assert not torch.equal(after[-1], before[-1])  # the value head's bias moved off zero
+    assert any(not torch.equal(a, b) for a, b in zip(after[:-2], before[:-2]))  # and the shared trunk moved

@@ -85,3 +85,28 @@ def test_train_sft_names_a_bad_row_then_trains_on_the_fixed_file(tmp_path):
     assert "demonstrations: 16.0000" in good.stdout
     model, _ = lm.load_policy(tmp_path / "sft")
     assert not (tmp_path / "sft" / "checkpoints").exists()
+
+
+def test_train_reward_saves_a_scored_model_with_its_normalisation(tmp_path):
+    reviews = generate_reviews(80, 0.1, 0.3, seed=2)
+    tokenizer = lm.train_tokenizer([r.document for r in reviews], 400)
+    lm.save_policy(lm.build_model(tokenizer, n_layer=1, n_head=2, n_embd=32, max_length=64), tokenizer, tmp_path / "sft")
+    good, bad = [r for r in reviews if r.sentiment > 0], [r for r in reviews if r.sentiment <= 0]
+    write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": g.prompt(3), "chosen": g.completion(3), "rejected": b.completion(3), "margin": 1.0}
+        for g, b in zip(good, bad)
+    ][:24])
+    result = subprocess.run(
+        [RLHF, "train", "reward", "--model", str(tmp_path / "sft"), "--data", str(tmp_path / "pairs.jsonl"),
+         "--out", str(tmp_path / "rm"), "--root", str(tmp_path), "--set", "reward.batch_size=4",
+         "--set", "reward.use_margin=true", "--set", "base.max_length=64"],
+        capture_output=True, text=True, env=environment(),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train_pairs: 22.0000" in result.stdout and "eval_accuracy" in result.stdout
+    from components import reward_model
+
+    model, tokenizer = reward_model.load_with_tokenizer(tmp_path / "rm")
+    assert model.config.reward_std > 0 and model.config.pad_token_id == tokenizer.pad_token_id
+    scores = reward_model.score_texts(model, tokenizer, ["Heat: I watched"] * 2, [" a fine film.", " dull."])
+    assert scores.shape == (2,) and torch.isfinite(scores).all()
