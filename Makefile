@@ -1,9 +1,9 @@
-# The two commands of the README. Both create .venv when it is missing.
+# The commands of the README. Each creates .venv when it is missing.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,5 +21,9 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest
 
+# our trainers and rollout against TRL's and bare generate: one JSON line per benchmark (benchmarks/README.md)
+bench: $(VENV)/.installed
+	$(BIN)/python -m benchmarks.run
+
 clean:
-	rm -rf models data/*/ mlflow/mlflow.db mlflow/artifacts .prefect dvc-remote dvc.lock
+	rm -rf models checkpoints data/*/ mlflow/mlflow.db mlflow/artifacts .prefect dvc-remote dvc.lock

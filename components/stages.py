@@ -205,7 +205,7 @@ def _pairs(rows: list[dict]) -> list[reward_model.Pair]:
 
 
 def train_reward_model(cfg: PipelineConfig, root: str, log) -> Outcome:
-    pairs = _pairs(read_jsonl(_path(root, "preferences")))
+    pairs = _pairs([row for row in read_jsonl(_path(root, "preferences")) if not row.get("tie")])
     random.Random(cfg.seed).shuffle(pairs)
     n_eval = max(1, int(len(pairs) * cfg.reward.eval_fraction))
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
@@ -215,7 +215,8 @@ def train_reward_model(cfg: PipelineConfig, root: str, log) -> Outcome:
     metrics["eval_accuracy"] = reward_model.accuracy(model, tokenizer, eval_pairs)
     model.save_pretrained(str(_path(root, "reward")), safe_serialization=True)
     tokenizer.save_pretrained(str(_path(root, "reward")))
-    return Outcome(metrics, tracking.log_transformers_model(model, tokenizer, "text-classification", "Reward model (Bradley-Terry)"))
+    description = f"Reward model ({cfg.reward.loss} loss)"
+    return Outcome(metrics, tracking.log_transformers_model(model, tokenizer, "text-classification", description))
 
 
 

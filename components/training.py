@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -30,6 +31,8 @@ from components.config import TrainerConfig
 
 MetricsLogger = Callable[[dict, int], None]
 STATE_FILE = "trainer_state.json"
+# accelerate warns at every save that it dropped the tied lm_head copy; loading re-ties it
+logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
 def no_logging(metrics: dict, step: int) -> None:

@@ -142,7 +142,10 @@ def test_bradley_terry_matches_trl_reward_trainer(gpt2_reward, tmp_path, use_mar
     if use_margin:
         columns["margin"] = [p.margin for p in PAIRS]
     # TRL's defaults: EOS appended to the text, no reward centring (center_rewards_coefficient None)
-    args = TRLRewardConfig(output_dir=str(tmp_path / "trl"), report_to="none", save_strategy="no", bf16=False)
+    args = TRLRewardConfig(
+        output_dir=str(tmp_path / "trl"), report_to="none", save_strategy="no", bf16=False,
+        activation_checkpointing=False,
+    )
     assert args.center_rewards_coefficient is None
     trainer = RewardTrainer(theirs, args, train_dataset=Dataset.from_dict(columns), processing_class=tokenizer)
     batch = trainer.data_collator([trainer.train_dataset[i] for i in indices])
