@@ -264,7 +264,7 @@ def _train_method(
             _probing(log, probe, 1, 0), gold_reward,
         )
     # dpo: on the labelled pairs (and each round's fresh ones); the reward model only scores the frontier
-    train_pairs = _pairs(pairs)
+    train_pairs = _pairs([row for row in pairs if not row.get("tie")])
     total = cfg.dpo.epochs * max(1, len(train_pairs) // cfg.dpo.batch_size)
     return dpo.train(
         policy, tokenizer, train_pairs, min(cfg.base.max_length, lm.context_length(policy)), cfg.dpo, seed,

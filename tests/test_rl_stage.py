@@ -6,6 +6,7 @@ subprocess, as `dvc repro` or a Prefect worker would run it.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -94,3 +95,30 @@ def test_killed_ppo_resumes_mid_round_without_redoing_the_finished_round(upstrea
     assert [row["step"] for row in trace] == [0, 2, 4, 10_002, 10_004]
     assert trace == read_jsonl(reference / PATHS["trace"])
     assert {"kl_to_sft", "gold_reward", "proxy_reward", "algorithm"} <= trace[0].keys() and trace[0]["kl_to_sft"] == 0
+
+
+TINY_METHODS = {
+    "p3o_v1": {"p3o": {"steps": 2, "batch_size": 4, "minibatch_size": 2, "update_epochs": 1}},
+    "p3o_v2": {"p3o": {"steps": 2, "batch_size": 4, "minibatch_size": 2, "update_epochs": 1}},
+    "rest": {"rest": {"grow_steps": 1, "improve_steps": 2, "thresholds": [0.3, 0.6], "n_prompts": 4, "n_samples": 4,
+                      "batch_size": 4}},
+    "best_of_n": {"best_of_n": {"n": 4, "n_prompts": 8, "batch_size": 4, "epochs": 1}},
+    "dpo": {"dpo": {"batch_size": 8, "lr": 1e-4}},
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(TINY_METHODS))
+def test_every_method_trains_the_policy_and_traces_the_frontier(upstream, tmp_path, algorithm):
+    from components.config import load_config
+    from components.stages import run_stage
+
+    root = tmp_path / "project"
+    shutil.copytree(upstream, root)
+    cfg = load_config(root / "params.yaml", {"rl": {"algorithm": algorithm}, **TINY_METHODS[algorithm]})
+    result = run_stage("rl", cfg, root)
+
+    assert result.metrics and all(math.isfinite(v) for v in result.metrics.values())
+    trained, sft = policy_weights(root), load_file(root / PATHS["sft"] / "model.safetensors")
+    assert any(not torch.equal(trained[name], sft[name]) for name in sft)
+    trace = read_jsonl(root / PATHS["trace"])
+    assert trace[0]["step"] == 0 and len(trace) >= 2 and {row["algorithm"] for row in trace} == {algorithm}
