@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback
+from transformers import PrinterCallback, TrainerCallback
 
 from benchmarks.measure import StepClock
 from benchmarks.workload import SEED, Sizes
@@ -46,6 +46,7 @@ def train_trl(trainer, sizes: Sizes) -> None:
     # TRL drops rows it cannot fit in max_length: the batches would no longer be ours
     if len(trainer.train_dataset) != sizes.n_examples:
         raise RuntimeError(f"TRL kept {len(trainer.train_dataset)} of {sizes.n_examples} examples")
+    trainer.remove_callback(PrinterCallback)  # its log dicts on stdout would break the one-JSON-line output
     trainer.train()
 
 
