@@ -168,28 +168,39 @@ class ValueHead(torch.nn.Module):
         torch.nn.init.zeros_(self.score.bias)
 
 
-def logits_and_values(policy, critic, batch: lm.Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Response logits of the policy and V(s_t) for each response token t: the critic's head at
-    the position that predicts token t. `critic` is a separate network with a scalar head
-    (AutoModelForSequenceClassification) or a `ValueHead` on the policy's own hidden states."""
+def _forward(model, batch: lm.Rollout, **kwargs):
+    """`model` on [prompt | response], on the model's device, positions counting real tokens."""
     input_ids = torch.cat([batch.prompt_ids, batch.response_ids], dim=1)
     attention_mask = torch.cat([batch.prompt_mask, batch.response_mask], dim=1)
-    width = batch.prompt_ids.shape[1]
-    shared = isinstance(critic, ValueHead)
-    output = policy(
-        input_ids=input_ids.to(policy.device), attention_mask=attention_mask.to(policy.device),
-        position_ids=lm.position_ids(attention_mask).to(policy.device), output_hidden_states=shared,
+    device = next(model.parameters()).device
+    return model(
+        input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+        position_ids=lm.position_ids(attention_mask).to(device), **kwargs,
     )
-    logits = output.logits[:, width - 1 : -1] / temperature
-    if shared:
-        hidden = output.hidden_states[-1]
-    else:
-        hidden = critic.base_model(
-            input_ids=input_ids.to(critic.device), attention_mask=attention_mask.to(critic.device),
-            position_ids=lm.position_ids(attention_mask).to(critic.device),
-        ).last_hidden_state
-    values = critic.score(hidden[:, width - 1 : -1]).squeeze(-1).float()
-    return logits, values
+
+
+def _values(critic, hidden: torch.Tensor, batch: lm.Rollout) -> torch.Tensor:
+    """V(s_t) for each response token t: the critic's head at the position that predicts token t."""
+    width = batch.prompt_ids.shape[1]
+    return critic.score(hidden[:, width - 1 : -1]).squeeze(-1).float()
+
+
+def logits_and_values(policy, critic, batch: lm.Rollout, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Response logits of the policy and the values of its response tokens. `critic` is a separate
+    network with a scalar head (AutoModelForSequenceClassification) or a `ValueHead` on the
+    policy's own hidden states, which then come from the same forward pass."""
+    shared = isinstance(critic, ValueHead)
+    output = _forward(policy, batch, output_hidden_states=shared)
+    logits = output.logits[:, batch.prompt_ids.shape[1] - 1 : -1] / temperature
+    hidden = output.hidden_states[-1] if shared else _forward(critic.base_model, batch).last_hidden_state
+    return logits, _values(critic, hidden, batch)
+
+
+def critic_values(policy, critic, batch: lm.Rollout) -> torch.Tensor:
+    """The values alone (at rollout time): a separate critic runs without the policy."""
+    if isinstance(critic, ValueHead):
+        return logits_and_values(policy, critic, batch, 1.0)[1]
+    return _values(critic, _forward(critic.base_model, batch).last_hidden_state, batch)
 
 
 def entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
@@ -250,7 +261,7 @@ def train(
         old_logprobs, ref_logprobs, scores = experience.logprobs, experience.ref_logprobs, experience.scores
         eos = torch.tensor(rollout.ended_with_eos, dtype=torch.float)
         with torch.no_grad():
-            old_values = logits_and_values(policy, critic, rollout, temperature)[1].cpu() * mask
+            old_values = critic_values(policy, critic, rollout).cpu() * mask
 
             # 2. rewards with the per-token KL penalty
             kl = kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
