@@ -17,7 +17,7 @@ from trl import DPOTrainer
 
 from benchmarks import sides, workload
 from benchmarks.workload import SEED
-from components import dpo
+from components.trainers import dpo
 from components.config import DPOConfig
 
 UNIT = "pairs/s"

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from components import preferences, reward_model
+from components.data import preferences
+from components.trainers import reward_model
 from components.config import DataConfig, RewardConfig
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"

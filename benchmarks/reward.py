@@ -12,7 +12,7 @@ from trl import RewardTrainer
 
 from benchmarks import sides, workload
 from benchmarks.workload import SEED
-from components import reward_model
+from components.trainers import reward_model
 from components.config import RewardConfig
 
 UNIT = "pairs/s"

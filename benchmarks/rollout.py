@@ -16,7 +16,7 @@ import torch
 
 from benchmarks import measure, workload
 from benchmarks.workload import SEED
-from components import lm
+from components.models import lm
 
 UNIT = "tokens/s"
 TEMPERATURE = 1.0

@@ -12,7 +12,7 @@ from trl import SFTTrainer
 
 from benchmarks import sides, workload
 from benchmarks.workload import SEED
-from components import sft
+from components.trainers import sft
 from components.config import SFTConfig
 
 UNIT = "tokens/s"

@@ -20,7 +20,7 @@ from transformers import PrinterCallback, TrainerCallback
 
 from benchmarks.measure import StepClock
 from benchmarks.workload import SEED, Sizes
-from components.training import step_batches
+from components.models.training import step_batches
 
 WARMUP_FRACTION = 0.05
 WEIGHT_DECAY = 0.01

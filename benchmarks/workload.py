@@ -13,10 +13,11 @@ from dataclasses import dataclass
 import torch
 from transformers import GPT2ForSequenceClassification
 
-from components import lm, world
+from components import world
+from components.models import lm
 from components.config import BaseModelConfig, SamplingConfig
-from components.reward_model import Pair
-from components.sft import Demonstration
+from components.trainers.reward_model import Pair
+from components.trainers.sft import Demonstration
 
 SEED = 0
 PROMPT_WORDS = 3

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import get_args
 
 from components.config import ConfigError, DataConfig, PipelineConfig, RLConfig, load_config
-from components.layout import STAGE_BY_NAME
+from components.pipeline.layout import STAGE_BY_NAME
 
 MESSAGES_SHOWN = 20
 ALGORITHMS = get_args(RLConfig.model_fields["algorithm"].annotation)
@@ -80,14 +80,14 @@ def _train(args, cfg: PipelineConfig) -> int:
     import mlflow
     from accelerate import PartialState
 
-    from components import tracking
-    from components.training import no_logging
+    from components.pipeline import tracking
+    from components.models.training import no_logging
 
     import torch
 
     torch.manual_seed(cfg.seed)
-    trainer = importlib.import_module({"sft": "components.sft", "reward": "components.reward_model",
-                                       "dpo": "components.dpo"}[args.kind])
+    trainer = importlib.import_module({"sft": "components.trainers.sft", "reward": "components.trainers.reward_model",
+                                       "dpo": "components.trainers.dpo"}[args.kind])
     section = {"sft": cfg.sft, "reward": cfg.reward, "dpo": cfg.dpo}[args.kind]
     try:
         if not PartialState().is_main_process:
@@ -116,7 +116,7 @@ def _config(args) -> PipelineConfig:
 
 
 def _data(args, cfg: PipelineConfig) -> int:
-    from components.preferences import DataError, ingest, validate_output
+    from components.data.preferences import DataError, ingest, validate_output
 
     try:
         if args.action == "validate":
@@ -140,8 +140,8 @@ def _data(args, cfg: PipelineConfig) -> int:
         print(f"data error: {report['invalid_fraction']:.1%} of the rows are invalid, more than "
               f"data.max_invalid_fraction={cfg.data.max_invalid_fraction:g}", file=sys.stderr)
         return 1
-    from components.tracking import log_ingest
-    from components.versioning import track
+    from components.pipeline.tracking import log_ingest
+    from components.pipeline.versioning import track
 
     out = Path(args.out)
     version = track([out / name for name in ("pairs.jsonl", "quarantine.jsonl", "report.json")])
@@ -189,11 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return _train(args, cfg)
     root = Path(args.root).resolve()
-    from components.stages import StageError
+    from components.pipeline.stages import StageError
 
     try:
         if args.command == "stage":
-            from components.stages import run_stage
+            from components.pipeline.stages import run_stage
 
             result = run_stage(args.name, cfg, root)
             for key, value in result.metrics.items():

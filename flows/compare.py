@@ -14,9 +14,11 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from components import evaluation, tracking
+from components import evaluation
+from components.pipeline import tracking
 from components.config import PipelineConfig
-from components.layout import PATHS, read_jsonl, write_json
+from components.files import read_jsonl, write_json
+from components.pipeline.layout import PATHS
 from flows.pipeline import rlhf_pipeline
 
 

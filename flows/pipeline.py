@@ -15,9 +15,9 @@ import mlflow
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from components import tracking, versioning
+from components.pipeline import tracking, versioning
 from components.config import PipelineConfig
-from components.layout import STAGES, StageResult
+from components.pipeline.layout import STAGES, StageResult
 from tasks.stages import promote_task, run
 
 

@@ -16,10 +16,10 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import INPUTS, CachePolicy
 from prefect.utilities.hashing import hash_objects
 
-from components import promotion
+from components.pipeline import promotion
 from components.config import PipelineConfig, PromotionConfig
-from components.layout import STAGE_BY_NAME, StageResult, code_version
-from components.stages import StageError, config_inputs, run_stage, stage_params
+from components.pipeline.layout import STAGE_BY_NAME, StageResult, code_version
+from components.pipeline.stages import StageError, config_inputs, run_stage, stage_params
 
 
 @dataclass

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from components import annotators
-from components.annotators import Sample
+from components.labelers import annotators
+from components.labelers.annotators import Sample
 
 TARGET = 0.725
 

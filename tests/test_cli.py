@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from components import lm
-from components.layout import PATHS, STAGES, write_jsonl
+from components.models import lm
+from components.files import write_jsonl
+from components.pipeline.layout import PATHS, STAGES
 from flows.cli import main
 from tests.conftest import REPO
 

@@ -11,10 +11,11 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from components import dpo, lm
+from components.models import lm
+from components.trainers import dpo
 from components.config import DPOConfig, load_config
-from components.reward_model import Pair
-from components.training import train_loop
+from components.trainers.reward_model import Pair
+from components.models.training import train_loop
 
 D = torch.float64
 MAX_LENGTH = 64

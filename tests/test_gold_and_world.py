@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from components import gold, world
+from components import world
+from components.world import gold
 
 PROMPT = "The Quiet River: I watched"
 

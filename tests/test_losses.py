@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from components import ppo, reward_model, sft
+from components.rl import ppo
+from components.trainers import reward_model, sft
 
 D = torch.float64
 

@@ -11,9 +11,12 @@ import math
 import pytest
 import torch
 
-from components import gold, lm, p3o, reward_model
+from components.models import lm
+from components.rl import p3o
+from components.trainers import reward_model
+from components.world import gold
 from components.config import P3OConfig, SamplingConfig
-from components.rollout import collect
+from components.rl.rollout import collect
 from components.world import generate_reviews
 
 

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from components.layout import PATHS, STAGES
+from components.pipeline.layout import PATHS, STAGES
 
 EVAL_METRICS = {
     "eval/gold_win_rate_vs_sft", "eval/proxy_win_rate_vs_sft", "eval/kl_to_sft", "eval/gold_reward_mean",

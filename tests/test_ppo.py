@@ -7,7 +7,9 @@ import copy
 
 import torch
 
-from components import lm, ppo, reward_model
+from components.models import lm
+from components.rl import ppo
+from components.trainers import reward_model
 from components.config import PPOConfig, SamplingConfig
 from components.world import generate_reviews
 

@@ -13,8 +13,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from components.config import DataConfig
-from components.layout import read_jsonl
-from components.preferences import (
+from components.files import read_jsonl
+from components.data.preferences import (
     ASSISTANT,
     DataError,
     Pair,

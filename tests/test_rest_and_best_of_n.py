@@ -10,7 +10,10 @@ import math
 import pytest
 import torch
 
-from components import best_of_n, gold, lm, rest, reward_model, rollout
+from components.models import lm
+from components.rl import best_of_n, rest, rollout
+from components.trainers import reward_model
+from components.world import gold
 from components.config import BestOfNConfig, RestConfig, SamplingConfig
 from components.world import generate_reviews
 

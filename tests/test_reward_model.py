@@ -11,9 +11,11 @@ import json
 import pytest
 import torch
 
-from components import lm, preferences, reward_model
+from components.data import preferences
+from components.models import lm
+from components.trainers import reward_model
 from components.config import RewardConfig
-from components.reward_model import Pair
+from components.trainers.reward_model import Pair
 from tests.conftest import SHARED_DATA
 
 D = torch.float64

@@ -21,7 +21,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from components.layout import PATHS, read_jsonl
+from components.files import read_jsonl
+from components.pipeline.layout import PATHS
 from tests.conftest import REPO, TINY
 
 RLHF = str(Path(sys.executable).parent / "rlhf")
@@ -32,7 +33,7 @@ ROUNDS = ["--set", "rl.rounds=2", "--set", "ppo.steps=4", "--set", "ppo.checkpoi
 def upstream(tmp_path_factory) -> Path:
     """A project with every stage before rl done, configured by its own params.yaml."""
     from components.config import load_config
-    from components.stages import run_stage
+    from components.pipeline.stages import run_stage
 
     root = tmp_path_factory.mktemp("rl") / "project"
     root.mkdir()
@@ -110,7 +111,7 @@ TINY_METHODS = {
 @pytest.mark.parametrize("algorithm", sorted(TINY_METHODS))
 def test_every_method_trains_the_policy_and_traces_the_frontier(upstream, tmp_path, algorithm):
     from components.config import load_config
-    from components.stages import run_stage
+    from components.pipeline.stages import run_stage
 
     root = tmp_path / "project"
     shutil.copytree(upstream, root)

@@ -9,7 +9,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from components import lm, reward_model, rollout
+from components.models import lm
+from components.rl import rollout
+from components.trainers import reward_model
 from components.config import SamplingConfig
 from components.world import generate_reviews
 

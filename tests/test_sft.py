@@ -9,7 +9,9 @@ import math
 import pytest
 import torch
 
-from components import lm, sft, world
+from components import world
+from components.models import lm
+from components.trainers import sft
 from components.config import TrainerConfig
 
 MAX_LENGTH = 64

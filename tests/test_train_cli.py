@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from components import lm
-from components.layout import write_jsonl
+from components.models import lm
+from components.files import write_jsonl
 from components.world import generate_reviews
 
 RLHF = str(Path(sys.executable).parent / "rlhf")
@@ -104,7 +104,7 @@ def test_train_reward_saves_a_scored_model_with_its_normalisation(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train_pairs: 22.0000" in result.stdout and "eval_accuracy" in result.stdout
-    from components import reward_model
+    from components.trainers import reward_model
 
     model, tokenizer = reward_model.load_with_tokenizer(tmp_path / "rm")
     assert model.config.reward_std > 0 and model.config.pad_token_id == tokenizer.pad_token_id

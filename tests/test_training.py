@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.training import micro_batches, step_batches
+from components.models.training import micro_batches, step_batches
 
 SCRIPT = Path(__file__).with_name("train_script.py")
 BIN = Path(sys.executable).parent

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from components.validation import (
+from components.data.validation import (
     CONTRADICTIONS,
     DUPLICATES,
     PREFERENCE_COLUMNS,

@@ -18,9 +18,10 @@ import torch
 from safetensors.torch import save_model
 from transformers import GPT2LMHeadModel
 
-from components import lm, sft
+from components.models import lm
+from components.trainers import sft
 from components.config import TrainerConfig
-from components.training import train_loop
+from components.models.training import train_loop
 
 parser = argparse.ArgumentParser()
 parser.add_argument("out")

@@ -25,10 +25,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from components import checkpoint, lm
+from components.models import checkpoint, lm
 from components.config import PPOConfig, SamplingConfig
-from components.rollout import collect
-from components.training import MetricsLogger, no_logging
+from components.rl.rollout import collect
+from components.models.training import MetricsLogger, no_logging
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel
+
+from components.files import content_hash
 
 PATHS = {
     "corpus": "data/world/corpus.jsonl",
@@ -59,25 +60,6 @@ STAGES = (
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
 
 
-def md5_file(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def content_hash(path: str | Path) -> str:
-    """md5 of a file (the same value DVC records for it) or of a folder's sorted listing of md5s."""
-    path = Path(path)
-    if path.is_file():
-        return md5_file(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"no file or folder at {path}")
-    listing = [(str(p.relative_to(path)), md5_file(p)) for p in sorted(path.rglob("*")) if p.is_file()]
-    return hashlib.md5(json.dumps(listing).encode()).hexdigest() + ".dir"
-
-
 class Artifact(BaseModel):
     """A dataset or model a stage produced: where it is and what it contained."""
 
@@ -110,7 +92,8 @@ class StageResult(BaseModel):
 
 
 # Modules that record or publish results but never change what a stage computes.
-BOOKKEEPING_MODULES = {"tracking.py", "versioning.py", "promotion.py"}
+BOOKKEEPING_MODULES = {"pipeline/tracking.py", "pipeline/versioning.py", "pipeline/promotion.py"}
+LIBRARY = Path(__file__).resolve().parents[1]
 
 
 @functools.lru_cache(maxsize=1)
@@ -118,47 +101,10 @@ def code_version() -> str:
     """Hash of the library's source as loaded by this process: a change to any module that
     computes results invalidates every cached stage (coarse, but never stale)."""
     digest = hashlib.md5()
-    for source in sorted(Path(__file__).parent.glob("*.py")):
-        if source.name in BOOKKEEPING_MODULES:
+    for source in sorted(LIBRARY.rglob("*.py")):
+        name = source.relative_to(LIBRARY).as_posix()
+        if name in BOOKKEEPING_MODULES:
             continue
-        digest.update(source.name.encode())
+        digest.update(name.encode())
         digest.update(source.read_bytes())
     return digest.hexdigest()
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def read_records(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
-    """JSONL rows that must each hold `fields` as strings; the first bad row stops the read with
-    an error naming the file, the row (1-based) and the field."""
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: row {number}: not valid JSON ({error.msg})") from None
-            for field in fields:
-                if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                    raise ValueError(f"{path}: row {number}: field '{field}' missing or not a string")
-            rows.append(row)
-    return rows
-
-
-def write_jsonl(path: str | Path, rows) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-
-
-def write_json(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

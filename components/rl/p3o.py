@@ -33,11 +33,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from components import checkpoint, lm
+from components.models import checkpoint, lm
 from components.config import P3OConfig, SamplingConfig
-from components.ppo import entropy, kl_per_token
-from components.rollout import Experience, collect
-from components.training import MetricsLogger, no_logging
+from components.rl.ppo import entropy, kl_per_token
+from components.rl.rollout import Experience, collect
+from components.models.training import MetricsLogger, no_logging
 
 VERSIONS = ("v1", "v2")
 

@@ -23,10 +23,13 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from components import gold, lm, reward_model, rollout, sft
+from components.models import lm
+from components.rl import rollout
+from components.trainers import reward_model, sft
+from components.world import gold
 from components.config import BestOfNConfig, SamplingConfig, TrainerConfig
 from components.evaluation import win_rate
-from components.training import MetricsLogger, no_logging
+from components.models.training import MetricsLogger, no_logging
 
 
 class Sample(NamedTuple):

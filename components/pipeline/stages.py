@@ -20,14 +20,17 @@ from typing import Callable, NamedTuple
 import mlflow
 import torch
 
-from components import (
-    annotators, best_of_n, dpo, evaluation, gold, lm, p3o, ppo, preferences, rest, reward_model, sft, tracking,
-    validation, world,
-)
+from components import evaluation, world
+from components.data import preferences, validation
+from components.labelers import annotators
+from components.models import lm
+from components.pipeline import tracking
+from components.rl import best_of_n, p3o, ppo, rest
+from components.trainers import dpo, reward_model, sft
+from components.world import gold
 from components.config import PipelineConfig
-from components.layout import (
-    PATHS, STAGE_BY_NAME, Artifact, StageResult, content_hash, read_jsonl, write_json, write_jsonl,
-)
+from components.files import content_hash, read_jsonl, write_json, write_jsonl
+from components.pipeline.layout import PATHS, STAGE_BY_NAME, Artifact, StageResult
 
 
 class Outcome(NamedTuple):

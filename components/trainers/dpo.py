@@ -33,11 +33,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers.pytorch_utils import Conv1D
 
-from components import lm
+from components.models import lm
 from components.config import DPOConfig, PipelineConfig
-from components.layout import read_records
-from components.reward_model import Pair
-from components.training import MetricsLogger, make_accelerator, no_logging, save_on_main, train_loop, unwrap
+from components.files import read_records
+from components.trainers.reward_model import Pair
+from components.models.training import MetricsLogger, make_accelerator, no_logging, save_on_main, train_loop, unwrap
 
 REF_CACHE = "ref_logprobs.safetensors"
 

@@ -30,9 +30,9 @@ from typing import Callable
 
 import torch
 
-from components.best_of_n import fine_tune, gold_reward_mean, sample_scored, score_mean
+from components.rl.best_of_n import fine_tune, gold_reward_mean, sample_scored, score_mean
 from components.config import RestConfig, SamplingConfig
-from components.training import MetricsLogger, no_logging
+from components.models.training import MetricsLogger, no_logging
 
 
 def improve_filter(scores: torch.Tensor, quantile: float) -> tuple[float, torch.Tensor]:

@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from components import gold, lm
+from components.models import lm
+from components.world import gold
 from components.config import PipelineConfig, TrainerConfig
-from components.layout import read_records
-from components.lm import forward
-from components.training import MetricsLogger, no_logging, save_on_main, train_loop
+from components.files import read_records
+from components.models.lm import forward
+from components.models.training import MetricsLogger, no_logging, save_on_main, train_loop
 
 
 @dataclass(frozen=True)

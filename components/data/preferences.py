@@ -69,10 +69,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.annotators import pair_id
+from components.labelers.annotators import pair_id
 from components.config import DataConfig
-from components.layout import read_jsonl, write_json, write_jsonl
-from components.validation import (
+from components.files import read_jsonl, write_json, write_jsonl
+from components.data.validation import (
     CONTRADICTIONS,
     DUPLICATES,
     LABEL_COLUMNS,

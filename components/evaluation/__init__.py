@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from components import gold, lm, reward_model
+from components.models import lm
+from components.trainers import reward_model
+from components.world import gold
 from components.config import SamplingConfig
 
 

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from components.config import PipelineConfig, RewardConfig
-from components.layout import read_records
-from components import lm
-from components.lm import PAD, Rollout, forward, make_rollout
-from components.training import MetricsLogger, no_logging, save_on_main, train_loop
+from components.files import read_records
+from components.models import lm
+from components.models.lm import PAD, Rollout, forward, make_rollout
+from components.models.training import MetricsLogger, no_logging, save_on_main, train_loop
 
 
 @dataclass(frozen=True)

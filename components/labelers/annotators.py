@@ -17,7 +17,7 @@ import random
 from dataclasses import asdict, dataclass
 from itertools import combinations
 
-from components import gold
+from components.world import gold
 
 
 def _sigmoid(x: float) -> float:

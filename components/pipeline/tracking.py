@@ -15,8 +15,8 @@ import mlflow
 from huggingface_hub import ModelCard
 from mlflow.tracking import MlflowClient
 
-from components.layout import Artifact
-from components.preferences import report_metrics
+from components.pipeline.layout import Artifact
+from components.data.preferences import report_metrics
 
 STAGE_TAG = "rlhf.stage"
 # Read once, before anything here runs: mlflow.set_tracking_uri also writes this variable, so a

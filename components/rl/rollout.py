@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from components import lm, reward_model
+from components.models import lm
+from components.trainers import reward_model
 from components.config import SamplingConfig
 
 

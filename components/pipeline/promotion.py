@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from components import tracking
+from components.pipeline import tracking
 from components.config import PromotionConfig
 
 CHAMPION = "champion"
