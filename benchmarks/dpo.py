@@ -18,7 +18,7 @@ from trl import DPOTrainer
 from benchmarks import sides, workload
 from benchmarks.workload import SEED
 from components.trainers import dpo
-from components.config import DPOConfig
+from components.sections import DPOConfig
 
 UNIT = "pairs/s"
 

@@ -27,13 +27,13 @@ import torch
 
 from components.data import preferences
 from components.trainers import reward_model
-from components.config import DataConfig, RewardConfig
+from components.sections import DataConfig, RewardConfig
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
 SEED = 0
 
 
-def hh_pairs(path: Path) -> list[reward_model.Pair]:
+def hh_pairs(path: Path) -> list[PreferencePair]:
     """The valid rows of an HH-RLHF file as (prompt, chosen reply, rejected reply)."""
     pairs = []
     for row in preferences.read_rows(path):
@@ -42,7 +42,7 @@ def hh_pairs(path: Path) -> list[reward_model.Pair]:
                 pair = preferences.parse_row("hh", row.data, DataConfig().max_chars)
             except preferences.RowError:
                 continue
-            pairs.append(reward_model.Pair(pair.prompt, pair.chosen, pair.rejected))
+            pairs.append(PreferencePair(pair.prompt, pair.chosen, pair.rejected))
     return pairs
 
 

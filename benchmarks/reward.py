@@ -13,7 +13,7 @@ from trl import RewardTrainer
 from benchmarks import sides, workload
 from benchmarks.workload import SEED
 from components.trainers import reward_model
-from components.config import RewardConfig
+from components.sections import RewardConfig
 
 UNIT = "pairs/s"
 

@@ -13,7 +13,7 @@ from trl import SFTTrainer
 from benchmarks import sides, workload
 from benchmarks.workload import SEED
 from components.trainers import sft
-from components.config import SFTConfig
+from components.sections import SFTConfig
 
 UNIT = "tokens/s"
 

@@ -15,8 +15,8 @@ from transformers import GPT2ForSequenceClassification
 
 from components import world
 from components.models import lm
-from components.config import BaseModelConfig, SamplingConfig
-from components.trainers.reward_model import Pair
+from components.sections import BaseModelConfig, SamplingConfig
+from components.data.records import PreferencePair
 from components.trainers.sft import Demonstration
 
 SEED = 0
@@ -66,7 +66,7 @@ class Workload:
     sizes: Sizes
     tokenizer: object
     demonstrations: list[Demonstration]
-    pairs: list[Pair]
+    pairs: list[PreferencePair]
     prompts: list[str]
 
 
@@ -78,7 +78,7 @@ def build(sizes: Sizes) -> Workload:
     flawed = [r for r in reviews if r.low_quality]
     demos = [Demonstration(r.prompt(PROMPT_WORDS), r.completion(PROMPT_WORDS)) for r in clean[:n]]
     pairs = [
-        Pair(good.prompt(PROMPT_WORDS), good.completion(PROMPT_WORDS), bad.completion(PROMPT_WORDS))
+        PreferencePair(good.prompt(PROMPT_WORDS), good.completion(PROMPT_WORDS), bad.completion(PROMPT_WORDS))
         for good, bad in zip(clean[:n], flawed[:n])
     ]
     if len(pairs) < n:

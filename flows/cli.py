@@ -28,11 +28,12 @@ import sys
 from pathlib import Path
 from typing import get_args
 
-from components.config import ConfigError, DataConfig, PipelineConfig, RLConfig, load_config
+from components.config import ConfigError, PipelineConfig, load_config
+from components import rl
+from components.sections import DataConfig
 from components.pipeline.layout import STAGE_BY_NAME
 
 MESSAGES_SHOWN = 20
-ALGORITHMS = get_args(RLConfig.model_fields["algorithm"].annotation)
 
 
 def _common_options(command: argparse.ArgumentParser) -> None:
@@ -47,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _common_options(commands.add_parser("run", help="run the whole pipeline as a Prefect flow"))
     compare = commands.add_parser("compare", help="run the pipeline once per RL method; plot the KL-reward frontier")
-    compare.add_argument("--methods", default=",".join(ALGORITHMS), help=f"comma-separated, from {','.join(ALGORITHMS)}")
+    compare.add_argument("--methods", default=",".join(rl.METHODS), help=f"comma-separated, from {','.join(rl.METHODS)}")
     _common_options(compare)
     stage = commands.add_parser("stage", help="run one stage")
     stage.add_argument("name", choices=list(STAGE_BY_NAME))
@@ -85,6 +86,9 @@ def _train(args, cfg: PipelineConfig) -> int:
 
     import torch
 
+    if not Path(args.data).is_file():
+        print(f"data error: --data {args.data}: no such file", file=sys.stderr)
+        return 1
     torch.manual_seed(cfg.seed)
     trainer = importlib.import_module({"sft": "components.trainers.sft", "reward": "components.trainers.reward_model",
                                        "dpo": "components.trainers.dpo"}[args.kind])
@@ -98,8 +102,11 @@ def _train(args, cfg: PipelineConfig) -> int:
             mlflow.log_params(tracking.flatten({args.kind: section.model_dump(), "model": args.model, "data": args.data}))
             metrics = trainer.run(cfg, args.model, args.data, Path(args.out), tracking.metric_logger("train"))
             mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
-    except (ValueError, OSError) as error:
+    except ValueError as error:
         print(f"data error: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:  # the data was read: the model folder or hub id failed to load
+        print(f"model error: {error}", file=sys.stderr)
         return 1
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}")
@@ -155,10 +162,10 @@ def _data(args, cfg: PipelineConfig) -> int:
 
 def _compare(args, cfg: PipelineConfig, root: Path) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = sorted(set(methods) - set(ALGORITHMS))
+    unknown = sorted(set(methods) - set(rl.METHODS))
     if unknown or not methods:
         print(f"configuration error: --methods: unknown {', '.join(unknown) or '(none given)'}; "
-              f"choose from {', '.join(ALGORITHMS)}", file=sys.stderr)
+              f"choose from {', '.join(rl.METHODS)}", file=sys.stderr)
         return 2
     from flows.compare import compare_methods
 

@@ -17,7 +17,7 @@ from prefect.artifacts import create_table_artifact
 
 from components.pipeline import tracking, versioning
 from components.config import PipelineConfig
-from components.pipeline.layout import STAGES, StageResult
+from components.pipeline.layout import STAGES, StageResult, dvc_yaml
 from tasks.stages import promote_task, run
 
 
@@ -61,7 +61,7 @@ def rlhf_pipeline(config: PipelineConfig = PipelineConfig(), root: str = ".", pr
         rows = summary_rows(metrics, promotion)
         create_table_artifact(key="rlhf-summary", table=rows, description=f"Evaluation of the {config.rl.algorithm} policy against SFT")
         logger.info("summary\n%s", format_table(rows))
-        versioning.record(root)
+        versioning.record(root, dvc_yaml(config))
     except BaseException:
         pipeline.end("FAILED")
         raise

@@ -17,9 +17,10 @@ from prefect.cache_policies import INPUTS, CachePolicy
 from prefect.utilities.hashing import hash_objects
 
 from components.pipeline import promotion
-from components.config import PipelineConfig, PromotionConfig
+from components.config import PipelineConfig
+from components.sections import PromotionConfig
 from components.pipeline.layout import STAGE_BY_NAME, StageResult, code_version
-from components.pipeline.stages import StageError, config_inputs, run_stage, stage_params
+from components.pipeline.stages import StageError, config_inputs, params_of, run_stage
 
 
 @dataclass
@@ -38,7 +39,7 @@ class StageInputs(CachePolicy):
         return hash_objects(
             {
                 "stage": name,
-                "params": stage_params(cfg, name),
+                "params": params_of(cfg, name),
                 "inputs": consumed,
                 "code": code_version(),
                 "root": inputs["root"],

@@ -18,6 +18,7 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 _STATE = tempfile.mkdtemp(prefix="rlhf-tests-")
 os.environ["PREFECT_HOME"] = str(Path(_STATE) / "prefect")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+os.environ["RLHF_CACHE_DIR"] = str(Path(_STATE) / "cache")  # converted GGUF models, once per session
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
 
@@ -84,3 +85,80 @@ def tiny_config():
     from components.config import load_config
 
     return load_config(REPO / "params.yaml", TINY)
+
+
+# ------------------------------------------------------------------------------ tiny models
+# The RL, rollout and LM tests share one tiny world: 200 reviews, a BPE tokenizer of 400 tokens,
+# a 1-layer GPT-2 policy and a reward model on its backbone. Data and tokenizer are built once a
+# session; models come as fresh copies, because the tests train them in place.
+
+TINY_MODEL = {"n_layer": 1, "n_head": 2, "n_embd": 32, "max_length": 64}
+
+
+@pytest.fixture(scope="session")
+def tiny_world():
+    """200 reviews of the synthetic world (seed 0)."""
+    from components.world import generate_reviews
+
+    return generate_reviews(200, 0.1, 0.3, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_prompts(tiny_world) -> list[str]:
+    """40 training prompts (the first three words of a review)."""
+    return [r.prompt(3) for r in tiny_world[:40]]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_world):
+    from components.models import lm
+
+    return lm.train_tokenizer([r.document for r in tiny_world], 400)
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_folder(tiny_tokenizer, tmp_path_factory) -> Path:
+    """An untrained tiny GPT-2 policy (seed 0) saved as stage sft leaves its policy."""
+    import torch
+
+    from components.models import lm
+
+    torch.manual_seed(0)
+    model = lm.build_model(tiny_tokenizer, **TINY_MODEL)
+    folder = tmp_path_factory.mktemp("tiny-sft")
+    lm.save_policy(model, tiny_tokenizer, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def _tiny_models(tiny_sft_folder):
+    """The prototypes that `tiny_policy` and `tiny_reward` copy: never hand them out."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from components.trainers import reward_model
+
+    policy = GPT2LMHeadModel.from_pretrained(str(tiny_sft_folder), use_safetensors=True).eval()
+    torch.manual_seed(1)  # the reward model's new scalar head
+    reward = reward_model.load(tiny_sft_folder).eval().requires_grad_(False)
+    reward.config.reward_mean, reward.config.reward_std = 0.0, 1.0  # as stage 'reward' leaves them
+    return policy, reward
+
+
+@pytest.fixture
+def tiny_policy(_tiny_models):
+    """Factory: `tiny_policy()` is a fresh copy of the tiny SFT policy (eval mode), equal every call."""
+    import copy
+
+    return lambda: copy.deepcopy(_tiny_models[0])
+
+
+@pytest.fixture
+def tiny_reward(_tiny_models, tiny_tokenizer):
+    """A fresh reward source: the tiny reward model (the SFT backbone with a scalar head,
+    reward_mean 0 and reward_std 1 in its config) wrapped in `components.rewards.RewardModel`."""
+    import copy
+
+    from components.rewards import RewardModel
+
+    return RewardModel(copy.deepcopy(_tiny_models[1]), tiny_tokenizer)

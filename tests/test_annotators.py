@@ -7,16 +7,17 @@ import random
 
 import pytest
 
+from components.data.records import PreferencePair, pair_id
 from components.labelers import annotators
-from components.labelers.annotators import Sample
+from components.labelers.annotators import GoldScored
 
 TARGET = 0.725
 
 
-def synthetic(n_prompts: int = 400, k: int = 4, seed: int = 7) -> dict[str, list[Sample]]:
+def synthetic(n_prompts: int = 400, k: int = 4, seed: int = 7) -> dict[str, list[GoldScored]]:
     rng = random.Random(seed)
     return {
-        f"prompt {i}:": [Sample(f"prompt {i}:", f"completion {i}-{j}", rng.gauss(0.0, 1.0)) for j in range(k)]
+        f"prompt {i}:": [GoldScored(f"prompt {i}:", f"completion {i}-{j}", rng.gauss(0.0, 1.0)) for j in range(k)]
         for i in range(n_prompts)
     }
 
@@ -46,22 +47,22 @@ def test_label_realised_agreement_and_stats():
     labels, stats = annotators.label(samples, n_annotators=5, target_agreement=TARGET, seed=11)
     assert stats["pairs"] == len(labels) == 400 * 6
     assert stats["expected_agreement"] == pytest.approx(TARGET, abs=1e-6)
-    realised = sum(label.agrees_with_gold for label in labels) / len(labels)
+    realised = sum(label.meta["agrees_with_gold"] for label in labels) / len(labels)
     assert realised == pytest.approx(stats["agreement_with_gold"], abs=1e-12)
     assert 0.70 <= realised <= 0.75
     # agrees_with_gold is consistent with the gold values of chosen and rejected
     gold = {s.completion: s.gold for group in samples.values() for s in group}
     for label in labels[:200]:
-        assert label.agrees_with_gold == float(gold[label.chosen] > gold[label.rejected])
+        assert label.meta["agrees_with_gold"] == float(gold[label.chosen] > gold[label.rejected])
         assert label.annotator in {f"simulated-{i}" for i in range(5)}
         assert label.source == "simulated"
 
 
 def test_label_pairs_every_distinct_completion_once():
     samples = {
-        "p1:": [Sample("p1:", c, g) for c, g in zip("abcd", (0.1, 0.5, -0.3, 1.0))],  # 4 distinct: 6 pairs
-        "p2:": [Sample("p2:", c, g) for c, g in zip("xxyz", (0.2, 0.2, 0.9, -1.0))],  # x twice: 3 distinct -> 3 pairs
-        "p3:": [Sample("p3:", "same", 0.0)] * 4,  # all identical: 0 pairs
+        "p1:": [GoldScored("p1:", c, g) for c, g in zip("abcd", (0.1, 0.5, -0.3, 1.0))],  # 4 distinct: 6 pairs
+        "p2:": [GoldScored("p2:", c, g) for c, g in zip("xxyz", (0.2, 0.2, 0.9, -1.0))],  # x twice: 3 distinct -> 3 pairs
+        "p3:": [GoldScored("p3:", "same", 0.0)] * 4,  # all identical: 0 pairs
     }
     labels, stats = annotators.label(samples, n_annotators=2, target_agreement=TARGET, seed=0)
     per_prompt = {p: sum(label.prompt == p for label in labels) for p in samples}
@@ -75,28 +76,28 @@ def test_label_pairs_every_distinct_completion_once():
 
 def test_label_rejects_no_distinct_pairs():
     with pytest.raises(ValueError, match="no pair"):
-        annotators.label({"p:": [Sample("p:", "same", 0.0)] * 3}, 1, TARGET, 0)
+        annotators.label({"p:": [GoldScored("p:", "same", 0.0)] * 3}, 1, TARGET, 0)
 
 
 def test_pair_id_stable_and_order_independent():
-    first = annotators.pair_id("The Quiet River: I watched", "great film", "bad film")
-    assert first == annotators.pair_id("The Quiet River: I watched", "bad film", "great film")
-    assert first == annotators.pair_id("The Quiet River: I watched", "great film", "bad film")
+    first = pair_id("The Quiet River: I watched", "great film", "bad film")
+    assert first == pair_id("The Quiet River: I watched", "bad film", "great film")
+    assert first == pair_id("The Quiet River: I watched", "great film", "bad film")
     assert len(first) == 16 and int(first, 16) >= 0
     # differs when the prompt or a completion differs
-    assert first != annotators.pair_id("The Quiet River: I saw", "great film", "bad film")
-    assert first != annotators.pair_id("The Quiet River: I watched", "great film", "bad movie")
+    assert first != pair_id("The Quiet River: I saw", "great film", "bad film")
+    assert first != pair_id("The Quiet River: I watched", "great film", "bad movie")
     # a fixed value: the id must not depend on the process (no salted hash())
     import hashlib
 
     expected = hashlib.sha256("p\x1fa\x1fb".encode()).hexdigest()[:16]
-    assert annotators.pair_id("p", "b", "a") == expected
+    assert pair_id("p", "b", "a") == expected
 
 
 def test_label_pair_ids_match_labels():
     labels, _ = annotators.label(synthetic(20), 3, TARGET, seed=5)
     for label in labels:
-        assert label.pair_id == annotators.pair_id(label.prompt, label.chosen, label.rejected)
+        assert label.pair_id == pair_id(label.prompt, label.chosen, label.rejected)
     assert len({label.pair_id for label in labels}) == len(labels)
 
 
@@ -108,13 +109,17 @@ def test_label_same_seed_same_labels():
     assert stats_first == stats_second
     other, _ = annotators.label(samples, 5, TARGET, seed=43)
     assert [l.chosen for l in other] != [l.chosen for l in first]
-    rows = annotators.as_rows(first)
-    assert rows[0] == {
+    row = first[0].to_row()
+    assert row == {
         "pair_id": first[0].pair_id,
+        "group": first[0].group,
         "prompt": first[0].prompt,
         "chosen": first[0].chosen,
         "rejected": first[0].rejected,
+        "margin": None,
+        "tie": False,
         "annotator": first[0].annotator,
         "source": "simulated",
-        "agrees_with_gold": first[0].agrees_with_gold,
+        "meta": {"agrees_with_gold": first[0].meta["agrees_with_gold"]},
     }
+    assert PreferencePair.from_row(row) == first[0]

@@ -14,7 +14,7 @@ import yaml
 
 from components.models import lm
 from components.files import write_jsonl
-from components.pipeline.layout import PATHS, STAGES
+from components.pipeline.layout import PATHS, STAGES, dvc_yaml, stage_params
 from flows.cli import main
 from tests.conftest import REPO
 
@@ -43,19 +43,24 @@ def test_bad_configuration_stops_before_any_stage(project, capsys, args, expecte
     assert code == 2
     err = capsys.readouterr().err
     assert err.startswith("configuration error:") and expected in err
-    assert not (project / "data" / "world").exists() and not (project / "models").exists()
+    assert not (project / "data" / "task").exists() and not (project / "models").exists()
 
 
 def test_dvc_yaml_declares_the_same_stages_as_the_flow():
+    from components.config import load_config
+
+    cfg = load_config(REPO / "params.yaml")
+    assert (REPO / "dvc.yaml").read_text() == dvc_yaml(cfg)  # the file the flow writes for params.yaml
     declared = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert list(declared) == [s.name for s in STAGES]
     for stage in STAGES:
         entry = declared[stage.name]
         assert entry["cmd"] == f"rlhf stage {stage.name}"
         assert entry.get("deps", []) == [PATHS[d] for d in stage.deps]
-        assert entry["params"] == list(stage.params)
+        assert entry["params"] == stage_params(cfg, stage.name)
         assert entry.get("outs", []) == [PATHS[o] for o in stage.outs]
         assert [next(iter(m)) for m in entry.get("metrics", [])] == [PATHS[m] for m in stage.metrics]
+    assert declared["rl"]["params"].count("ppo") == 1 and "p3o" not in declared["rl"]["params"]
 
 
 def test_params_yaml_is_the_complete_default_configuration():
@@ -66,7 +71,7 @@ def test_params_yaml_is_the_complete_default_configuration():
 
 
 def test_stage_entry_point_writes_its_outputs(project):
-    result = rlhf("stage", "world", "--set", "world.n_reviews=200", cwd=project)
+    result = rlhf("stage", "task", "--set", "world.n_reviews=200", cwd=project)
     assert result.returncode == 0, result.stderr
     assert "reviews: 200.0000" in result.stdout
     rows = [json.loads(line) for line in (project / PATHS["prompts"]).read_text().splitlines()]

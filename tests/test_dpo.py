@@ -11,24 +11,25 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from components.models import lm
+from components.models import lm, lora
 from components.trainers import dpo
-from components.config import DPOConfig, load_config
-from components.trainers.reward_model import Pair
+from components.config import load_config
+from components.sections import DPOConfig
+from components.data.records import PreferencePair
 from components.models.training import train_loop
 
 D = torch.float64
 MAX_LENGTH = 64
 
 PAIRS = [
-    Pair("the movie was", " great and fun to watch", " dull"),
-    Pair("this film is", " a real delight", " slow and boring and far too long"),
-    Pair("i thought the plot was", " clever", " a mess from start to end"),
-    Pair("the acting felt", " warm and honest", " flat"),
-    Pair("overall the story is", " moving and well told", " hard to follow"),
-    Pair("the ending was", " perfect", " rushed and silly"),
-    Pair("my friends said it was", " the best film this year", " a waste of time"),
-    Pair("the music is", " lovely", " loud and dull"),
+    PreferencePair("the movie was", " great and fun to watch", " dull"),
+    PreferencePair("this film is", " a real delight", " slow and boring and far too long"),
+    PreferencePair("i thought the plot was", " clever", " a mess from start to end"),
+    PreferencePair("the acting felt", " warm and honest", " flat"),
+    PreferencePair("overall the story is", " moving and well told", " hard to follow"),
+    PreferencePair("the ending was", " perfect", " rushed and silly"),
+    PreferencePair("my friends said it was", " the best film this year", " a waste of time"),
+    PreferencePair("the music is", " lovely", " loud and dull"),
 ]
 
 
@@ -152,9 +153,9 @@ def test_encode_appends_eos_and_fits_the_context(setup):
     eos = tokenizer.eos_token_id
     pairs = [
         PAIRS[0],
-        Pair("the movie was " * 30, " great", " dull"),
-        Pair("the", " great" * 60, " dull"),
-        Pair("", " lovely", " flat"),
+        PreferencePair("the movie was " * 30, " great", " dull"),
+        PreferencePair("the", " great" * 60, " dull"),
+        PreferencePair("", " lovely", " flat"),
     ]
     short, long_prompt, long_chosen, empty = tokens = dpo.encode_pairs(tokenizer, pairs, MAX_LENGTH)
     ids = [tokenizer(text)["input_ids"] for text in (PAIRS[0].prompt, PAIRS[0].chosen, PAIRS[0].rejected)]
@@ -256,8 +257,7 @@ def test_lora_reference_is_initial_model_and_only_adapters_train(setup):
         lora_r=4, lora_alpha=16, precompute_ref_logprobs=False, lr=2e-2, batch_size=4, epochs=8,
         warmup_fraction=0, checkpoint_every=0, mixed_precision="no",
     )
-    torch.manual_seed(0)
-    policy = dpo.add_lora(copy.deepcopy(model), cfg)
+    policy = lora.add_lora(copy.deepcopy(model), cfg, seed=0)
     tokens = dpo.encode_pairs(tokenizer, PAIRS, MAX_LENGTH)
     objective = dpo.DPOObjective(tokenizer, PAIRS, tokens, cfg)
 

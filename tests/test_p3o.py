@@ -1,6 +1,7 @@
 """P3O (Wu et al. 2023): the clipped pairwise losses against hand-computed values, the invariance of
-the P3O gradient to a per-prompt reward shift (where REINFORCE's changes), the replay buffer, and
-a two-step run of the training loop on a tiny model."""
+the P3O gradient to a per-prompt reward shift (where REINFORCE's changes), the replay buffer, a
+two-step run of the training loop on a tiny model (metrics and frontier probe) and a crashed run
+that resumes exactly."""
 
 from __future__ import annotations
 
@@ -12,12 +13,14 @@ import pytest
 import torch
 
 from components.models import lm
-from components.rl import p3o
-from components.trainers import reward_model
-from components.world import gold
-from components.config import P3OConfig, SamplingConfig
+from components.rl import METHODS, RLInputs, p3o
+from components.rl.p3o import P3OConfig
 from components.rl.rollout import collect
-from components.world import generate_reviews
+from components.sections import SamplingConfig
+
+SAMPLING = SamplingConfig(max_new_tokens=8)
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def loss_and_grads(logprobs_1, logprobs_2, old_1, old_2, rewards_1, rewards_2, version, cliprange=0.2):
@@ -87,19 +90,11 @@ def test_v1_and_v2_clip_differently_when_ratios_are_off():
         p3o.p3o_loss(*[torch.zeros(1)] * 6, 0.2, "v3")
 
 
-def tiny_world(n_reviews: int = 60):
-    torch.manual_seed(0)
-    reviews = generate_reviews(n_reviews, 0.1, 0.3, seed=0)
-    tokenizer = lm.train_tokenizer([r.document for r in reviews], 300)
-    model = lm.build_model(tokenizer, n_layer=1, n_head=2, n_embd=32, max_length=64).eval()
-    return reviews, tokenizer, model
-
-
 @pytest.mark.parametrize("version", p3o.VERSIONS)
-def test_gradient_is_invariant_to_a_per_prompt_reward_shift(version):
+def test_gradient_is_invariant_to_a_per_prompt_reward_shift(version, tiny_world, tiny_tokenizer, tiny_policy):
     """ACCEPTANCE: P3O's gradient is unchanged when a per-prompt constant delta(x) is added to all
     rewards, while the vanilla policy gradient's (REINFORCE) changes."""
-    reviews, tokenizer, model = tiny_world()
+    reviews, tokenizer, model = tiny_world, tiny_tokenizer, tiny_policy()
     prompts = [r.prompt(3) for r in reviews[:3] for _ in range(2)]
     completions = [r.completion(3)[:30] for r in reviews[3:9]]
     rollout = lm.make_rollout(tokenizer, prompts, completions, [True] * 6)
@@ -132,23 +127,13 @@ def test_gradient_is_invariant_to_a_per_prompt_reward_shift(version):
     assert not torch.allclose(reinforce_grad, reinforce_shifted, atol=1e-4)
 
 
-def tiny_reward_model(tokenizer, model, folder):
-    """A reward model on the tiny policy's backbone (its head is new), normalised as stage 'reward' leaves it."""
-    lm.save_policy(model, tokenizer, folder)
-    reward = reward_model.load(folder)
-    reward.config.reward_mean, reward.config.reward_std = 0.0, 1.0
-    return reward
-
-
-def test_replay_buffer_keeps_the_newest_pairs_and_round_trips(tmp_path):
-    reviews, tokenizer, model = tiny_world()
-    reward = tiny_reward_model(tokenizer, model, tmp_path / "sft")
-    sampling = SamplingConfig(max_new_tokens=8)
+def test_replay_buffer_keeps_the_newest_pairs_and_round_trips(tiny_world, tiny_tokenizer, tiny_policy, tiny_reward):
+    reviews, tokenizer, model, reward = tiny_world, tiny_tokenizer, tiny_policy(), tiny_reward
     prompts = [r.prompt(3) for r in reviews[:6]]
     buffer = p3o.ReplayBuffer(capacity=3)
     pushed = []
     for start in (0, 2, 4):
-        experience = collect(model, model, reward, tokenizer, prompts[start : start + 2], 2, sampling, 1.0)
+        experience = collect(model, model, reward, tokenizer, prompts[start : start + 2], 2, SAMPLING, 1.0)
         rewards = torch.arange(4, dtype=torch.float) + start
         buffer.push(experience, rewards)
         pushed.extend(zip(experience.rollout.prompts[0::2], rewards.view(-1, 2).tolist()))
@@ -170,58 +155,64 @@ def test_replay_buffer_keeps_the_newest_pairs_and_round_trips(tmp_path):
 
 
 @pytest.mark.parametrize("version", p3o.VERSIONS)
-def test_train_runs_two_steps_and_updates_only_the_policy(version, tmp_path):
-    reviews, tokenizer, policy = tiny_world(200)
-    reward = tiny_reward_model(tokenizer, policy, tmp_path / "sft")
+def test_train_runs_two_steps_probes_them_and_updates_only_the_policy(
+    version, tiny_policy, tiny_reward, tiny_tokenizer, tiny_prompts
+):
+    method = METHODS[f"p3o_{version}"]
+    assert method.config is P3OConfig and method.train.keywords == {"version": version}
+    policy, reward = tiny_policy(), tiny_reward
     ref_policy = copy.deepcopy(policy)
     before = {name: p.clone() for name, p in policy.named_parameters()}
-    frozen = {name: p.clone() for name, p in [*ref_policy.named_parameters(), *reward.named_parameters()]}
+    frozen = {name: p.clone() for name, p in [*ref_policy.named_parameters(), *reward.model.named_parameters()]}
     cfg = P3OConfig(steps=2, batch_size=4, minibatch_size=2, update_epochs=2, buffer_size=6, lr=1e-3)
-    logged = []
-    metrics = p3o.train(
-        policy, ref_policy, reward, tokenizer, [r.prompt(3) for r in reviews[:40]], cfg,
-        SamplingConfig(max_new_tokens=8), seed=0, version=version, log=lambda m, step: logged.append(m),
-        gold_reward=gold.gold_reward,
-    )
+    logged, probed = [], []
+    trained, metrics = method.train(RLInputs(
+        policy, ref_policy, reward, tiny_tokenizer, tiny_prompts, [], cfg, SAMPLING, seed=0,
+        log=lambda m, step: logged.append(m), probe=lambda step, total: probed.append((step, total)),
+    ))
 
+    assert trained is policy
     assert len(logged) == 2 and metrics == logged[-1]
+    assert probed == [(1, 2), (2, 2)]
     expected = {"score_mean", "kl", "reward_mean", "clipfrac", "approx_kl", "entropy", "response_length", "eos_rate",
-                "policy_loss", "gold_reward_mean"}
-    assert expected <= metrics.keys()
+                "policy_loss", "reward_gap"}
+    assert expected <= metrics.keys() and "gold_reward_mean" not in metrics
     assert all(math.isfinite(v) for v in metrics.values())
     assert logged[0]["kl"] == 0.0  # the first rollout comes from the reference itself
+    assert logged[0]["reward_mean"] == logged[0]["score_mean"]  # so no KL penalty yet
     assert [m["buffer_pairs"] for m in logged] == [4, 6]
     assert any(not torch.equal(p, before[n]) for n, p in policy.named_parameters())
-    for name, p in [*ref_policy.named_parameters(), *reward.named_parameters()]:
+    for name, p in [*ref_policy.named_parameters(), *reward.model.named_parameters()]:
         assert torch.equal(p, frozen[name]), name
 
 
-def test_a_crashed_run_resumes_its_policy_optimizer_buffer_and_rng(tmp_path):
+def test_a_crashed_run_resumes_its_policy_optimizer_buffer_and_rng(
+    tiny_policy, tiny_reward, tiny_tokenizer, tiny_prompts, tmp_path
+):
     """Checkpoints every iteration; a crash after iteration 3 of 4, then the same call again,
     ends with the weights of an uninterrupted run (the buffer holds pairs from iterations 1-3)."""
-    reviews, tokenizer, initial = tiny_world(200)
-    reward = tiny_reward_model(tokenizer, initial, tmp_path / "sft")
-    prompts = [r.prompt(3) for r in reviews[:40]]
+    initial = tiny_policy()
     cfg = P3OConfig(steps=4, batch_size=4, minibatch_size=2, update_epochs=1, buffer_size=10, lr=1e-3, checkpoint_every=1)
 
     def run(policy, folder, log=lambda m, step: None):
-        return p3o.train(policy, copy.deepcopy(initial), reward, tokenizer, prompts, cfg,
-                         SamplingConfig(max_new_tokens=8), seed=0, version="v2", log=log, checkpoint_dir=folder)
+        return p3o.train_v2(RLInputs(
+            policy, copy.deepcopy(initial), tiny_reward, tiny_tokenizer, tiny_prompts, [], cfg, SAMPLING, seed=0,
+            log=log, checkpoint_dir=folder,
+        ))
 
-    uninterrupted = copy.deepcopy(initial)
-    run(uninterrupted, tmp_path / "whole")
+    uninterrupted, _ = run(copy.deepcopy(initial), tmp_path / "whole")
 
     def crash_at_step_3(metrics, step):
         if step == 3:
             raise KeyboardInterrupt
 
-    resumed = copy.deepcopy(initial)
     with pytest.raises(KeyboardInterrupt):
-        run(resumed, tmp_path / "crashed", crash_at_step_3)
+        run(copy.deepcopy(initial), tmp_path / "crashed", crash_at_step_3)
     assert [p.name for p in (tmp_path / "crashed").glob("step-*")] == ["step-00000003"]
-    resumed = copy.deepcopy(initial)  # a fresh process starts from the initial weights
-    metrics = run(resumed, tmp_path / "crashed")
+    steps = []
+    resumed, metrics = run(copy.deepcopy(initial), tmp_path / "crashed", lambda m, step: steps.append(step))
 
+    assert steps == [3]  # a fresh process, from the initial weights, resumes at the checkpoint
     assert metrics["buffer_pairs"] == 10
     for (name, weight), (_, expected) in zip(resumed.named_parameters(), uninterrupted.named_parameters()):
         torch.testing.assert_close(weight, expected, rtol=0, atol=1e-6, msg=name)

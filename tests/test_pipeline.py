@@ -16,7 +16,8 @@ from components.pipeline.layout import PATHS, STAGES
 
 EVAL_METRICS = {
     "eval/gold_win_rate_vs_sft", "eval/proxy_win_rate_vs_sft", "eval/kl_to_sft", "eval/gold_reward_mean",
-    "eval/sft_gold_reward_mean", "eval/response_length_mean", "eval/eos_rate",
+    "eval/sft_gold_reward_mean", "eval/proxy_reward_mean", "eval/sft_proxy_reward_mean", "eval/response_length_mean",
+    "eval/eos_rate",
 }
 
 

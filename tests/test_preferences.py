@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from components.config import DataConfig
+from components.sections import DataConfig
 from components.files import read_jsonl
+from components.data.records import PreferencePair
 from components.data.preferences import (
     ASSISTANT,
     DataError,
-    Pair,
     aggregate,
     detect_format,
     ingest,
@@ -335,8 +335,8 @@ def test_several_annotators_are_aggregated_with_agreement_statistics(tmp_path):
 
 
 def test_aggregate_mean_margin_of_the_winning_votes():
-    votes = [Pair("p", "a", "b", 2.0, annotator="u"), Pair("p", "a", "b", 1.0, annotator="v"),
-             Pair("p", "b", "a", 3.0, annotator="w")]
+    votes = [PreferencePair("p", "a", "b", 2.0, annotator="u"), PreferencePair("p", "a", "b", 1.0, annotator="v"),
+             PreferencePair("p", "b", "a", 3.0, annotator="w")]
     [winner], stats = aggregate(votes)
     assert (winner.chosen, winner.margin, winner.annotator) == ("a", 1.5, "u,v,w")
     assert stats["mean_pairwise_agreement"] == pytest.approx(1 / 3) and stats["unanimous_share"] == 0

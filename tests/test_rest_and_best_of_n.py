@@ -1,6 +1,6 @@
 """ReST and best-of-n: the Improve filter against a hand example, the analytic best-of-n KL against
 its closed form and an exact computation, best-of-n's pick against scoring every sample directly,
-and both train() end to end on a tiny GPT-2 policy and reward model."""
+and both train() end to end on a tiny GPT-2 policy and reward source (metrics, frontier probe)."""
 
 from __future__ import annotations
 
@@ -10,31 +10,15 @@ import math
 import pytest
 import torch
 
-from components.models import lm
-from components.rl import best_of_n, rest, rollout
-from components.trainers import reward_model
-from components.world import gold
-from components.config import BestOfNConfig, RestConfig, SamplingConfig
-from components.world import generate_reviews
+from components.rl import METHODS, RLInputs, best_of_n, rest, rollout
+from components.rl.best_of_n import BestOfNConfig
+from components.rl.rest import RestConfig
+from components.sections import SamplingConfig
 
 SAMPLING = SamplingConfig(max_new_tokens=8, batch_size=64)
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny GPT-2 policy, a tiny GPT-2 reward model saved and loaded via reward_model.load, prompts."""
-    torch.manual_seed(0)
-    reviews = generate_reviews(200, 0.1, 0.3, seed=0)
-    tokenizer = lm.train_tokenizer([r.document for r in reviews], 400)
-    policy = lm.build_model(tokenizer, n_layer=1, n_head=2, n_embd=32, max_length=64).eval()
-    path = tmp_path_factory.mktemp("sft")
-    lm.save_policy(policy, tokenizer, path)
-    reward = reward_model.load(path).eval()
-    reward.config.reward_mean, reward.config.reward_std = 0.0, 1.0
-    return policy, reward, tokenizer, [r.prompt(3) for r in reviews[:40]]
 
 
 # ---------------------------------------------------------------------------------- ReST filter
@@ -80,15 +64,15 @@ def test_best_of_n_kl_bounds_the_exact_kl_of_a_categorical_policy():
         assert exact == pytest.approx(best_of_n.best_of_n_kl(n), abs=2e-3)
 
 
-def test_sample_scored_groups_samples_by_prompt_across_batches(world):
-    policy, reward, tokenizer, prompts = world
+def test_sample_scored_groups_samples_by_prompt_across_batches(tiny_policy, tiny_reward, tiny_tokenizer, tiny_prompts):
+    policy, reward, tokenizer, prompts = tiny_policy(), tiny_reward, tiny_tokenizer, tiny_prompts
     sampling = SamplingConfig(max_new_tokens=8, batch_size=8)  # two prompts' groups per batch
     samples = best_of_n.sample_scored(policy, reward, tokenizer, prompts[:5], 4, sampling, 1.0)
     assert [s.prompt for s in samples] == [p for p in prompts[:5] for _ in range(4)]
 
 
-def test_best_of_n_picks_the_argmax_of_the_scores(world):
-    policy, reward, tokenizer, prompts = world
+def test_best_of_n_picks_the_argmax_of_the_scores(tiny_policy, tiny_reward, tiny_tokenizer, tiny_prompts):
+    policy, reward, tokenizer, prompts = tiny_policy(), tiny_reward, tiny_tokenizer, tiny_prompts
     prompts, n, penalty = prompts[:6], 5, 1.0
     torch.manual_seed(3)
     best = best_of_n.best_of_n(policy, reward, tokenizer, prompts, n, SAMPLING, penalty)
@@ -98,7 +82,7 @@ def test_best_of_n_picks_the_argmax_of_the_scores(world):
     samples = rollout.generate(policy, tokenizer, prompts, n, SAMPLING)
     with torch.no_grad():
         scores = torch.stack([
-            reward_model.normalised_scores(reward, samples.select(torch.tensor([i])))[0]
+            reward.normalised(samples.select(torch.tensor([i])))[0]
             - penalty * (not samples.ended_with_eos[i])
             for i in range(len(samples.prompts))
         ]).view(len(prompts), n)
@@ -110,59 +94,54 @@ def test_best_of_n_picks_the_argmax_of_the_scores(world):
         assert score == pytest.approx(float(scores[i].max()), abs=1e-5)
 
 
-def test_best_of_n_evaluate_reports_the_eval_metrics(world):
-    policy, reward, tokenizer, prompts = world
-    metrics, rows = best_of_n.evaluate(policy, reward, tokenizer, prompts[:8], 4, SAMPLING, seed=1)
-    assert {
-        "eval/gold_win_rate_vs_sft", "eval/proxy_win_rate_vs_sft", "eval/kl_to_sft", "eval/gold_reward_mean",
-        "eval/sft_gold_reward_mean", "eval/response_length_mean", "eval/eos_rate",
-    } == metrics.keys()
-    assert metrics["eval/kl_to_sft"] == best_of_n.best_of_n_kl(4)
-    assert all(math.isfinite(v) for v in metrics.values())
-    # the SFT answers are those lm.sample_many (and so evaluation.evaluate) draws with this seed
-    sft = [(r["prompt"], r["completion"], r["ended_with_eos"]) for r in rows if r["model"] == "sft"]
-    assert sft == lm.sample_many(policy, tokenizer, prompts[:8], SAMPLING, 1)
-    # best-of-n wins on the proxy it picks by, up to ties and the missing-EOS penalty
-    assert metrics["eval/proxy_win_rate_vs_sft"] >= 0.5
-
-
 # ---------------------------------------------------------------------------------- end to end
 
 
-def _train(module, cfg, world):
-    policy, reward, tokenizer, prompts = world
-    policy, ref_policy = copy.deepcopy(policy), copy.deepcopy(policy)
+def _train(name, module, cfg, tiny_policy, tiny_reward, tiny_tokenizer, tiny_prompts):
+    """`name`'s registered train on a fresh tiny policy: the policy trains in place, the reference
+    and the reward model do not; returns the logged (step, metrics) and the probe's (step, total)."""
+    assert METHODS[name].train is module.train and METHODS[name].config is type(cfg)
+    policy, reward = tiny_policy(), tiny_reward
+    ref_policy = copy.deepcopy(policy)
     before = {name: p.clone() for name, p in policy.named_parameters()}
-    frozen = {name: p.clone() for name, p in [*ref_policy.named_parameters(), *reward.named_parameters()]}
-    logged = []
-    metrics = module.train(
-        policy, ref_policy, reward, tokenizer, prompts, cfg, SAMPLING, seed=0,
-        log=lambda m, step: logged.append((step, m)), gold_reward=gold.gold_reward,
-    )
+    frozen = {name: p.clone() for name, p in [*ref_policy.named_parameters(), *reward.model.named_parameters()]}
+    logged, probed = [], []
+    trained, metrics = METHODS[name].train(RLInputs(
+        policy, ref_policy, reward, tiny_tokenizer, tiny_prompts, [], cfg, SAMPLING, seed=0,
+        log=lambda m, step: logged.append((step, m)), probe=lambda step, total: probed.append((step, total)),
+    ))
+    assert trained is policy
     assert metrics == logged[-1][1]
     assert all(math.isfinite(v) for _, m in logged for v in m.values())
+    assert not any("gold" in key for _, m in logged for key in m)  # the stage's frontier probe measures gold
     assert any(not torch.equal(p, before[name]) for name, p in policy.named_parameters())
-    for name, p in [*ref_policy.named_parameters(), *reward.named_parameters()]:
+    for name, p in [*ref_policy.named_parameters(), *reward.model.named_parameters()]:
         assert torch.equal(p, frozen[name]), name
-    return logged
+    return logged, probed
 
 
-def test_rest_train_end_to_end(world):
+def test_rest_train_end_to_end(tiny_policy, tiny_reward, tiny_tokenizer, tiny_prompts):
     cfg = RestConfig(
         grow_steps=2, improve_steps=3, n_prompts=8, n_samples=4, thresholds=[0.25, 0.5, 0.75], batch_size=4,
         lr=1e-3, checkpoint_every=0,
     )
-    logged = _train(rest, cfg, world)
+    logged, probed = _train("rest", rest, cfg, tiny_policy, tiny_reward, tiny_tokenizer, tiny_prompts)
     assert [step for step, _ in logged] == list(range(6))
+    assert probed == [(step, 6) for step in range(1, 7)]  # grow_steps * improve_steps
     for grow in (logged[:3], logged[3:]):
         kept = [m["kept"] for _, m in grow]
-        assert kept == sorted(kept, reverse=True) and len(set(kept)) == 3
+        # 8 prompts x 4 samples of distinct scores; strictly above the 25%, 50%, 75% quantiles
+        assert kept == [24, 16, 8]
         assert all(m["score_mean"] > m["threshold"] for _, m in grow)
-        assert {"threshold", "kept", "score_mean", "gold_reward_mean", "nll", "grow_score_mean"} <= grow[-1][1].keys()
+        assert [m["quantile"] for _, m in grow] == [0.25, 0.5, 0.75]
+        assert {"threshold", "kept", "score_mean", "nll", "grow_score_mean"} <= grow[-1][1].keys()
+        assert all(m["score_mean"] > m["grow_score_mean"] for _, m in grow)
 
 
-def test_best_of_n_train_end_to_end(world):
+def test_best_of_n_train_end_to_end(tiny_policy, tiny_reward, tiny_tokenizer, tiny_prompts):
     cfg = BestOfNConfig(n=4, n_prompts=8, epochs=1, batch_size=4, lr=1e-3, checkpoint_every=0)
-    (step, metrics), = _train(best_of_n, cfg, world)
+    logged, probed = _train("best_of_n", best_of_n, cfg, tiny_policy, tiny_reward, tiny_tokenizer, tiny_prompts)
+    (step, metrics), = logged
+    assert step == 0 and probed == [(1, 1)]
     assert metrics["score_mean"] > metrics["sample_score_mean"]
-    assert {"gold_reward_mean", "sample_gold_reward_mean", "nll", "eos_rate"} <= metrics.keys()
+    assert {"nll", "eos_rate"} <= metrics.keys() and metrics["nll"] > 0

@@ -14,8 +14,8 @@ import torch
 from components.data import preferences
 from components.models import lm
 from components.trainers import reward_model
-from components.config import RewardConfig
-from components.trainers.reward_model import Pair
+from components.sections import RewardConfig
+from components.data.records import PreferencePair
 from tests.conftest import SHARED_DATA
 
 D = torch.float64
@@ -77,7 +77,7 @@ def test_ranking_losses_gradcheck(loss):
 
 def test_rankings_recover_a_full_ranking():
     ranked = preferences.Ranked("p", ("b", "c", "a", "d"), (1, 2, 0, 3))
-    pairs = [Pair(p.prompt, p.chosen, p.rejected) for p in preferences.ranked_pairs(ranked)]
+    pairs = [PreferencePair(p.prompt, p.chosen, p.rejected) for p in preferences.ranked_pairs(ranked)]
     (ranking,) = reward_model.rankings(pairs)
     assert dict(zip(ranking.completions, ranking.ranks)) == {"a": 0, "b": 1, "c": 2, "d": 3}
 
@@ -85,11 +85,11 @@ def test_rankings_recover_a_full_ranking():
 def test_rankings_copeland_ties_and_cycles():
     pairs = [
         # prompt x: a beats b and c, b and c each beat d, c beats b: scores a 2, c 1, b -1, d -2
-        Pair("x", "a", "b"), Pair("x", "a", "c"), Pair("x", "b", "d"), Pair("x", "c", "d"), Pair("x", "c", "b"),
+        PreferencePair("x", "a", "b"), PreferencePair("x", "a", "c"), PreferencePair("x", "b", "d"), PreferencePair("x", "c", "d"), PreferencePair("x", "c", "b"),
         # prompt y: a cycle, every completion scores 0: no ordering, left out
-        Pair("y", "a", "b"), Pair("y", "b", "c"), Pair("y", "c", "a"),
+        PreferencePair("y", "a", "b"), PreferencePair("y", "b", "c"), PreferencePair("y", "c", "a"),
         # prompt z: two unrelated pairs; the winners tie, and so do the losers
-        Pair("z", "a", "b"), Pair("z", "c", "d"),
+        PreferencePair("z", "a", "b"), PreferencePair("z", "c", "d"),
     ]
     x, z = reward_model.rankings(pairs)
     assert (x.prompt, dict(zip(x.completions, x.ranks))) == ("x", {"a": 0, "c": 1, "b": 2, "d": 3})
@@ -120,9 +120,9 @@ def gpt2_reward(tmp_path):
 
 # prompts of different lengths: ours are left-padded, TRL's rows right-padded
 PAIRS = [
-    Pair("the film was", " a delight from start to end", " dull", 0.5),
-    Pair("a dull plot and a cast", " that never wakes up", " is lovely", 0.0),
-    Pair("i would", " not watch it again", " watch it again and again and again", 1.5),
+    PreferencePair("the film was", " a delight from start to end", " dull", 0.5),
+    PreferencePair("a dull plot and a cast", " that never wakes up", " is lovely", 0.0),
+    PreferencePair("i would", " not watch it again", " watch it again and again and again", 1.5),
 ]
 
 
@@ -184,7 +184,7 @@ def test_ranking_objectives_on_single_pairs_equal_bradley_terry(gpt2_reward):
 def test_train_saves_reward_statistics(gpt2_reward, tmp_path, loss):
     model, tokenizer = gpt2_reward
     # a second pair for the first prompt: the ranking objectives see K = 3 completions there
-    pairs = PAIRS + [Pair("the film was", " a delight from start to end", " lovely")]
+    pairs = PAIRS + [PreferencePair("the film was", " a delight from start to end", " lovely")]
     cfg = RewardConfig(epochs=1, batch_size=2, lr=1e-3, loss=loss, use_margin=loss == "bradley_terry",
                        checkpoint_every=0, mixed_precision="no")
     metrics = reward_model.train(model, tokenizer, pairs, cfg, seed=0)
@@ -201,14 +201,14 @@ def test_train_saves_reward_statistics(gpt2_reward, tmp_path, loss):
 # ------------------------------------------------------------------- MiniLM on real HH
 
 
-def _hh_pairs(n: int) -> list[Pair]:
+def _hh_pairs(n: int) -> list[PreferencePair]:
     if not HH_TEST.is_file():
         pytest.skip(f"{HH_TEST} not found: the HH-RLHF harmless-base test split lives in ../shared/data")
     pairs = []
     with gzip.open(HH_TEST, "rt") as handle:
         for line in handle:
             pair = preferences.parse_row("hh", json.loads(line), 20000)
-            pairs.append(Pair(pair.prompt, pair.chosen, pair.rejected))
+            pairs.append(PreferencePair(pair.prompt, pair.chosen, pair.rejected))
             if len(pairs) == n:
                 return pairs
     return pairs

@@ -21,7 +21,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from components.data.records import PreferencePair
 from components.files import read_jsonl
+from components.models import lm
+from components.rl import rollout
 from components.pipeline.layout import PATHS
 from tests.conftest import REPO, TINY
 
@@ -39,7 +42,7 @@ def upstream(tmp_path_factory) -> Path:
     root.mkdir()
     cfg = load_config(REPO / "params.yaml", {**TINY, "rl": {"probe_points": 2, "probe_prompts": 8, "round_prompts": 8}})
     (root / "params.yaml").write_text(yaml.safe_dump(cfg.model_dump(), sort_keys=False))
-    for stage in ("world", "pretrain", "sft", "collect", "label", "validate", "reward"):
+    for stage in ("task", "pretrain", "sft", "collect", "label", "validate", "reward"):
         run_stage(stage, cfg, root)
     return root
 
@@ -123,3 +126,80 @@ def test_every_method_trains_the_policy_and_traces_the_frontier(upstream, tmp_pa
     assert any(not torch.equal(trained[name], sft[name]) for name in sft)
     trace = read_jsonl(root / PATHS["trace"])
     assert trace[0]["step"] == 0 and len(trace) >= 2 and {row["algorithm"] for row in trace} == {algorithm}
+
+
+def reinforce_toy(run):
+    """A toy RL method registered by the test: REINFORCE on the reward source, two steps."""
+    optimizer = torch.optim.SGD([p for p in run.policy.parameters() if p.requires_grad], lr=1e-3)
+    metrics = {}
+    for step in range(2):
+        experience = rollout.collect(run.policy, run.reference, run.reward, run.tokenizer, run.prompts[:4], 1,
+                                     run.sampling, missing_eos_penalty=0.0)
+        logprobs = lm.response_logprobs(run.policy.train(), experience.rollout, run.sampling.temperature)
+        loss = -(experience.scores * (logprobs * experience.mask).sum(1)).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        metrics = {"loss": loss.item(), "score_mean": float(experience.scores.mean())}
+        run.log(metrics, step)
+        run.probe(step + 1, 2)
+    return run.policy.eval(), metrics
+
+
+class LongerIsBetter:
+    """A toy labeler registered by the test: of two answers, the longer is chosen."""
+
+    needs_samples = True
+    calls = 0
+
+    def label(self, samples, seed):
+        LongerIsBetter.calls += 1
+        by_prompt = {}
+        for sample in samples:
+            by_prompt.setdefault(sample.prompt, []).append(sample.completion)
+        pairs = [
+            PreferencePair(prompt, *sorted(answers[:2], key=len, reverse=True), source="toy")
+            for prompt, answers in by_prompt.items() if len(set(answers[:2])) == 2
+        ]
+        return pairs, {"pairs": len(pairs)}
+
+
+@pytest.fixture
+def toy_plugins():
+    from components import labelers, rl
+
+    rl.register("reinforce_toy", reinforce_toy)
+    labelers.register("longer", lambda context: LongerIsBetter())
+    yield
+    del rl.METHODS["reinforce_toy"], labelers.LABELERS["longer"]
+
+
+def test_a_method_and_a_labeler_registered_from_outside_run_the_rl_stage_and_an_online_round(
+    upstream, tmp_path, toy_plugins
+):
+    from components.config import load_config
+    from components.pipeline.layout import stage_params
+    from components.pipeline.stages import run_stage
+
+    root = tmp_path / "project"
+    shutil.copytree(upstream, root)
+    cfg = load_config(root / "params.yaml", {"rl": {"algorithm": "reinforce_toy", "rounds": 2}, "label": {"labeler": "longer"}})
+    assert "ppo" not in stage_params(cfg, "rl")  # a method without a section reads none of the others
+    result = run_stage("rl", cfg, root)
+
+    assert LongerIsBetter.calls == 1  # the fresh labels between the two rounds
+    assert result.metrics["round1_pairs"] > 0 and math.isfinite(result.metrics["loss"])
+    trained, sft = policy_weights(root), load_file(root / PATHS["sft"] / "model.safetensors")
+    assert any(not torch.equal(trained[name], sft[name]) for name in sft)
+    assert [row["step"] for row in read_jsonl(root / PATHS["trace"])] == [0, 1, 2, 10_001, 10_002]
+
+
+def test_the_rl_stage_is_keyed_by_the_chosen_method_section_only(tiny_config):
+    from components.pipeline.stages import params_of
+
+    ppo = params_of(tiny_config, "rl")
+    assert "ppo" in ppo and not {"p3o", "rest", "best_of_n", "dpo"} & set(ppo)
+    changed = tiny_config.model_copy(update={"rest": tiny_config.rest.model_copy(update={"n_prompts": 3})})
+    assert params_of(changed, "rl") == ppo  # a PPO stage does not rerun for a ReST setting
+    p3o = tiny_config.model_copy(update={"rl": tiny_config.rl.model_copy(update={"algorithm": "p3o_v2"})})
+    assert "p3o" in params_of(p3o, "rl") and "ppo" not in params_of(p3o, "rl")

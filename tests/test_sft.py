@@ -12,7 +12,8 @@ import torch
 from components import world
 from components.models import lm
 from components.trainers import sft
-from components.config import TrainerConfig
+from components.world import gold
+from components.sections import TrainerConfig
 
 MAX_LENGTH = 64
 # A user turn and an assistant turn; the assistant turn ends with EOS, so none is appended.
@@ -194,12 +195,15 @@ def test_train_packed_with_a_chat_template(reviews, tokenizer):
 
 
 def test_curate_counts_what_each_filter_drops(reviews):
-    a, b, c = [sft.Demonstration(r.prompt(3), r.completion(3)) for r in reviews if not r.low_quality][:3]
+    def scored(prompt: str, response: str) -> sft.Demonstration:  # as the world task writes them
+        return sft.Demonstration(prompt, response, gold.score(prompt, response).quality)
+
+    a, b, c = [scored(r.prompt(3), r.completion(3)) for r in reviews if not r.low_quality][:3]
     candidates = [
         a,
-        sft.Demonstration(a.prompt, "  " + a.response.upper() + " "),  # a again, but for case and spaces
-        sft.Demonstration(b.prompt, " too short"),
-        sft.Demonstration(b.prompt, " the film the film the film the film the film the film"),  # repetitive
+        scored(a.prompt, "  " + a.response.upper() + " "),  # a again, but for case and spaces
+        scored(b.prompt, " too short"),
+        scored(b.prompt, " the film the film the film the film the film the film"),  # repetitive
         b,
         c,
     ]

@@ -20,7 +20,7 @@ from transformers import GPT2LMHeadModel
 
 from components.models import lm
 from components.trainers import sft
-from components.config import TrainerConfig
+from components.sections import TrainerConfig
 from components.models.training import train_loop
 
 parser = argparse.ArgumentParser()

@@ -1,7 +1,7 @@
 """Preference data from outside the pipeline: read it, check every row, turn it into pairs.
 
 Human preference sets come as pairs, rankings, ratings or whole conversations; the reward model
-wants one shape, a Pair (prompt, chosen, rejected). `ingest` reads a source, quarantines every bad
+wants one shape, a PreferencePair (prompt, chosen, rejected). `ingest` reads a source, quarantines every bad
 row with the reason, converts the rest, merges several annotators' labels of one pair into one,
 and writes the pairs, the quarantine, a report and Great Expectations Data Docs.
 
@@ -69,8 +69,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from components.labelers.annotators import pair_id
-from components.config import DataConfig
+from components.sections import DataConfig
+from components.data.records import PAIR_FIELDS, PreferencePair
 from components.files import read_jsonl, write_json, write_jsonl
 from components.data.validation import (
     CONTRADICTIONS,
@@ -91,26 +91,6 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
-class Pair:
-    """One preference: `chosen` is the better reply to `prompt` (for a tie, only the order seen)."""
-
-    prompt: str
-    chosen: str
-    rejected: str
-    margin: float | None = None
-    tie: bool = False
-    annotator: str | None = None  # several, comma-separated, once labels are aggregated
-    source: str | None = None
-    pair_id: str = field(init=False)  # the same for both orientations (components.annotators.pair_id)
-    group: str = field(init=False)  # digest of the prompt: all pairs of one prompt share it
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "pair_id", pair_id(self.prompt, self.chosen, self.rejected))
-        object.__setattr__(self, "group", _digest(self.prompt))
-
-
-PAIR_FIELDS = tuple(f.name for f in fields(Pair))
 
 
 @dataclass(frozen=True)
@@ -496,10 +476,10 @@ def split_messages(chosen: tuple[Message, ...], rejected: tuple[Message, ...]) -
     return prompt, " " + chosen[-1]["content"], " " + rejected[-1]["content"]
 
 
-def conversation_pair(conversation: Conversation) -> Pair:
+def conversation_pair(conversation: Conversation) -> PreferencePair:
     split = split_hh if isinstance(conversation.chosen, str) else split_messages
     prompt, chosen, rejected = split(conversation.chosen, conversation.rejected)
-    return Pair(prompt, chosen, rejected, conversation.margin, False, conversation.annotator, conversation.source)
+    return PreferencePair(prompt, chosen, rejected, conversation.margin, False, conversation.annotator, conversation.source)
 
 
 def _conversations(data: dict[str, Any], max_chars: int) -> tuple[Any, Any]:
@@ -534,8 +514,8 @@ def _ranked(data: dict[str, Any], max_chars: int, meta: dict[str, Any]) -> Ranke
     return Ranked(prompt, responses, tuple(ranking), **meta)
 
 
-def parse_row(fmt: str, data: dict[str, Any], max_chars: int, source: str | None = None) -> Pair | Ranked | Rated:
-    """The record a row holds; a conversation becomes its Pair at once, since splitting it is
+def parse_row(fmt: str, data: dict[str, Any], max_chars: int, source: str | None = None) -> PreferencePair | Ranked | Rated:
+    """The record a row holds; a conversation becomes its PreferencePair at once, since splitting it is
     part of checking it. `source` fills a missing source field. Raises RowError on the first
     bad field."""
     meta = {
@@ -546,7 +526,7 @@ def parse_row(fmt: str, data: dict[str, Any], max_chars: int, source: str | None
         prompt, chosen, rejected = (_text(data, name, max_chars) for name in ("prompt", "chosen", "rejected"))
         if chosen == rejected:
             raise RowError("rejected", "identical to chosen")
-        return Pair(prompt, chosen, rejected, _margin(data), **meta)
+        return PreferencePair(prompt, chosen, rejected, _margin(data), **meta)
     if fmt == "hh":
         pair = conversation_pair(Conversation(*_conversations(data, max_chars), _margin(data), **meta))
         if len(pair.prompt) > max_chars:  # rendered message lists are checked message by message only
@@ -566,19 +546,19 @@ def parse_row(fmt: str, data: dict[str, Any], max_chars: int, source: str | None
 # ------------------------------------------------------------------------------ conversions
 
 
-def ranked_pairs(record: Ranked) -> list[Pair]:
+def ranked_pairs(record: Ranked) -> list[PreferencePair]:
     """All K(K-1)/2 pairs of a ranking, the better-ranked response chosen."""
     pairs = []
     for i, j in combinations(range(len(record.responses)), 2):
         better, worse = (i, j) if record.ranking[i] < record.ranking[j] else (j, i)
         pairs.append(
-            Pair(record.prompt, record.responses[better], record.responses[worse],
+            PreferencePair(record.prompt, record.responses[better], record.responses[worse],
                  annotator=record.annotator, source=record.source)
         )
     return pairs
 
 
-def rated_pairs(records: list[Rated]) -> list[Pair]:
+def rated_pairs(records: list[Rated]) -> list[PreferencePair]:
     """Every two responses one annotator rated for one prompt: the higher rating chosen, margin
     the difference; equal ratings give a tie label (tie=True, margin 0)."""
     groups: dict[tuple[str, str | None], list[Rated]] = {}
@@ -591,17 +571,17 @@ def rated_pairs(records: list[Rated]) -> list[Pair]:
                 continue
             high, low = (b, a) if b.rating > a.rating else (a, b)
             pairs.append(
-                Pair(a.prompt, high.response, low.response, high.rating - low.rating, a.rating == b.rating,
+                PreferencePair(a.prompt, high.response, low.response, high.rating - low.rating, a.rating == b.rating,
                      a.annotator, a.source)
             )
     return pairs
 
 
-def to_labels(records: list[Pair | Ranked | Rated]) -> list[Pair]:
+def to_labels(records: list[PreferencePair | Ranked | Rated]) -> list[PreferencePair]:
     """The pair labels of checked records, in record order (ratings after grouping)."""
-    labels: list[Pair] = []
+    labels: list[PreferencePair] = []
     for record in records:
-        if isinstance(record, Pair):
+        if isinstance(record, PreferencePair):
             labels.append(record)
         elif isinstance(record, Ranked):
             labels += ranked_pairs(record)
@@ -612,7 +592,7 @@ def _joined(values: list[str | None]) -> str | None:
     return ",".join(sorted({v for v in values if v})) or None
 
 
-def aggregate(labels: list[Pair], ties: Literal["drop", "keep"] = "drop") -> tuple[list[Pair], dict[str, float]]:
+def aggregate(labels: list[PreferencePair], ties: Literal["drop", "keep"] = "drop") -> tuple[list[PreferencePair], dict[str, float]]:
     """One pair per pair_id from all its labels, and agreement statistics for MLflow.
 
     The plurality label wins; an exact split between the top labels, or a winning tie label, is
@@ -622,10 +602,10 @@ def aggregate(labels: list[Pair], ties: Literal["drop", "keep"] = "drop") -> tup
     share of pairs of labels that agree, averaged over items) and `unanimous_share` (absent when
     there is no such item).
     """
-    votes: dict[str, list[Pair]] = {}
+    votes: dict[str, list[PreferencePair]] = {}
     for label in labels:
         votes.setdefault(label.pair_id, []).append(label)
-    pairs: list[Pair] = []
+    pairs: list[PreferencePair] = []
     agreements: list[float] = []
     dropped = 0
     for item in votes.values():
@@ -664,9 +644,9 @@ def aggregate(labels: list[Pair], ties: Literal["drop", "keep"] = "drop") -> tup
 # ----------------------------------------------------------------------------------- ingest
 
 
-def _judgement(record: Pair | Ranked | Rated) -> tuple[str, str, str]:
+def _judgement(record: PreferencePair | Ranked | Rated) -> tuple[str, str, str]:
     """(item, label, field of the label): what was judged and by whom, and the judgement."""
-    if isinstance(record, Pair):
+    if isinstance(record, PreferencePair):
         return _digest(record.pair_id, record.annotator), _digest(record.chosen), "chosen"
     if isinstance(record, Ranked):
         best_first = [text for _, text in sorted(zip(record.ranking, record.responses))]
@@ -696,7 +676,7 @@ def _dataset_problems(
 
 @dataclass(frozen=True)
 class IngestResult:
-    pairs: list[Pair]
+    pairs: list[PreferencePair]
     quarantine: list[Quarantined]
     report: dict[str, Any]
 
@@ -735,7 +715,7 @@ def ingest(source: str | Path, out: str | Path, cfg: DataConfig = DataConfig()) 
             )
     default_source = Path(name).name if Path(name).is_file() else name
     parsed: list[Row] = []
-    records: list[Pair | Ranked | Rated] = []
+    records: list[PreferencePair | Ranked | Rated] = []
     for row in rows:
         try:
             records.append(parse_row(fmt, row.data, cfg.max_chars, default_source))

@@ -11,13 +11,13 @@ its labellers and AlpacaFarm tunes its simulated annotators to the same human-li
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import combinations
+from typing import Callable
 
-from components.world import gold
+from components.data.records import PreferencePair, Sample
 
 
 def _sigmoid(x: float) -> float:
@@ -45,30 +45,13 @@ def calibrate_tau(gold_diffs: list[float], target: float, iterations: int = 60) 
 
 
 @dataclass(frozen=True)
-class Sample:
+class GoldScored:
     prompt: str
     completion: str
     gold: float
 
 
-@dataclass(frozen=True)
-class Label:
-    pair_id: str
-    prompt: str
-    chosen: str
-    rejected: str
-    annotator: str
-    source: str
-    agrees_with_gold: float  # 1, 0, or 0.5 for a gold tie
-
-
-def pair_id(prompt: str, a: str, b: str) -> str:
-    """Stable id of an unordered pair of completions to one prompt."""
-    first, second = sorted((a, b))
-    return hashlib.sha256("\x1f".join((prompt, first, second)).encode()).hexdigest()[:16]
-
-
-def label(samples_by_prompt: dict[str, list[Sample]], n_annotators: int, target_agreement: float, seed: int):
+def label(samples_by_prompt: dict[str, list[GoldScored]], n_annotators: int, target_agreement: float, seed: int):
     """Label every pair of distinct completions of each prompt (K(K-1)/2 pairs, as InstructGPT).
 
     Returns (labels, stats) with stats holding tau, the expected and the realised agreement.
@@ -86,35 +69,43 @@ def label(samples_by_prompt: dict[str, list[Sample]], n_annotators: int, target_
         a_wins = rng.random() < _sigmoid((a.gold - b.gold) / tau)
         chosen, rejected = (a, b) if a_wins else (b, a)
         agrees = 0.5 if a.gold == b.gold else float(chosen.gold > rejected.gold)
+        annotator = f"simulated-{rng.randrange(n_annotators)}"
         labels.append(
-            Label(
-                pair_id=pair_id(prompt, a.completion, b.completion),
-                prompt=prompt,
-                chosen=chosen.completion,
-                rejected=rejected.completion,
-                annotator=f"simulated-{rng.randrange(n_annotators)}",
-                source="simulated",
-                agrees_with_gold=agrees,
+            PreferencePair(
+                prompt, chosen.completion, rejected.completion, annotator=annotator, source="simulated",
+                meta={"agrees_with_gold": agrees},
             )
         )
     stats = {
         "tau": tau,
         "expected_agreement": expected_agreement(diffs, tau),
-        "agreement_with_gold": sum(l.agrees_with_gold for l in labels) / len(labels),
+        "agreement_with_gold": sum(l.meta["agrees_with_gold"] for l in labels) / len(labels),
         "pairs": len(labels),
     }
     return labels, stats
 
 
-def as_rows(labels: list[Label]) -> list[dict]:
-    return [asdict(l) for l in labels]
+class SimulatedAnnotators:
+    """The `simulated` labeler: every pair of distinct answers to a prompt, labelled by `label`
+    with the task's gold scorer."""
 
+    needs_samples = True
 
-def label_samples(rows: list[dict], n_annotators: int, target_agreement: float, seed: int) -> tuple[list[dict], dict]:
-    """Pair rows and stats for sampled completions (rows with prompt, completion, ended_with_eos)."""
-    by_prompt: dict[str, list[Sample]] = {}
-    for row in rows:
-        score = gold.gold_reward(row["prompt"], row["completion"], row["ended_with_eos"])
-        by_prompt.setdefault(row["prompt"], []).append(Sample(row["prompt"], row["completion"], score))
-    labels, stats = label(by_prompt, n_annotators, target_agreement, seed)
-    return as_rows(labels), stats
+    def __init__(self, gold_reward: Callable[[str, str, bool], float], n_annotators: int, target_agreement: float):
+        self.gold_reward, self.n_annotators, self.target_agreement = gold_reward, n_annotators, target_agreement
+
+    @classmethod
+    def from_context(cls, context) -> "SimulatedAnnotators":
+        if context.gold is None:
+            from components.labelers import LabelingError
+
+            raise LabelingError("the simulated annotators need a task with a gold scorer (task.name=world)")
+        settings = context.cfg.annotators
+        return cls(context.gold, settings.n_annotators, settings.target_agreement)
+
+    def label(self, samples: list[Sample], seed: int) -> tuple[list[PreferencePair], dict]:
+        by_prompt: dict[str, list[GoldScored]] = {}
+        for s in samples:
+            score = self.gold_reward(s.prompt, s.completion, s.ended_with_eos)
+            by_prompt.setdefault(s.prompt, []).append(GoldScored(s.prompt, s.completion, score))
+        return label(by_prompt, self.n_annotators, self.target_agreement, seed)

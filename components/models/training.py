@@ -27,7 +27,7 @@ import torch
 from accelerate import Accelerator, PartialState
 from tqdm.auto import tqdm
 
-from components.config import TrainerConfig
+from components.sections import TrainerConfig
 
 MetricsLogger = Callable[[dict, int], None]
 STATE_FILE = "trainer_state.json"

@@ -16,8 +16,9 @@ from pydantic import BaseModel
 from components.files import content_hash
 
 PATHS = {
-    "corpus": "data/world/corpus.jsonl",
-    "prompts": "data/world/prompts.jsonl",
+    "prompts": "data/task/prompts.jsonl",
+    "candidates": "data/task/demonstrations.jsonl",
+    "corpus": "data/task/corpus.jsonl",
     "base": "models/base",
     "demonstrations": "data/sft/demonstrations.jsonl",
     "sft": "models/sft",
@@ -31,6 +32,10 @@ PATHS = {
     "eval_metrics": "data/eval/metrics.json",
 }
 
+# In a stage's params: the section of the RL method `rl.algorithm` names (components/rl/), so a
+# stage reads, and is keyed by, only the chosen method's settings.
+METHOD_SECTION = "<rl.algorithm>"
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -42,22 +47,60 @@ class Stage:
 
 
 STAGES = (
-    Stage("world", ("seed", "world"), (), ("corpus", "prompts")),
+    Stage("task", ("seed", "task", "world", "base"), (), ("prompts", "candidates", "corpus")),
     Stage("pretrain", ("seed", "base"), ("corpus",), ("base",)),
-    Stage("sft", ("seed", "sft", "base"), ("corpus", "base"), ("demonstrations", "sft")),
-    Stage("collect", ("seed", "collect", "sampling"), ("prompts", "sft"), ("samples",)),
-    Stage("label", ("seed", "annotators", "data"), ("samples",), ("preferences",)),
+    Stage("sft", ("seed", "sft", "base"), ("candidates", "base"), ("demonstrations", "sft")),
+    Stage("collect", ("seed", "collect", "sampling", "label", "data"), ("prompts", "sft"), ("samples",)),
+    Stage("label", ("seed", "task", "label", "annotators", "data"), ("samples", "sft"), ("preferences",)),
     Stage("validate", ("data", "base"), ("preferences", "sft"), (), ("validation",)),
-    Stage("reward", ("seed", "reward", "base"), ("preferences", "validation", "sft"), ("reward",)),
+    Stage("reward", ("seed", "reward", "base"), ("prompts", "preferences", "validation", "sft"), ("reward",)),
     Stage(
         "rl",
-        ("seed", "rl", "ppo", "p3o", "rest", "best_of_n", "dpo", "sampling", "collect", "annotators", "reward"),
+        ("seed", "task", "rl", METHOD_SECTION, "base", "sampling", "collect", "label", "annotators", "reward"),
         ("prompts", "sft", "reward", "preferences"),
         ("policy", "trace"),
     ),
-    Stage("evaluate", ("seed", "eval", "sampling"), ("prompts", "sft", "reward", "policy"), ("completions",), ("eval_metrics",)),
+    Stage(
+        "evaluate", ("seed", "task", "eval", "sampling"), ("prompts", "sft", "reward", "policy"), ("completions",),
+        ("eval_metrics",),
+    ),
 )
 STAGE_BY_NAME = {stage.name: stage for stage in STAGES}
+
+
+def stage_params(cfg, name: str) -> list[str]:
+    """The top-level configuration keys stage `name` reads under `cfg` (what dvc.yaml lists)."""
+    from components import rl
+
+    section = rl.METHODS[cfg.rl.algorithm].section
+    keys = [section if key == METHOD_SECTION else key for key in STAGE_BY_NAME[name].params]
+    return [key for key in keys if key]
+
+
+DVC_HEADER = """\
+# The pipeline's stages for DVC, written from components/pipeline/layout.py (STAGES) for the
+# configuration that ran: the rl stage lists only the chosen method's section. Each command is the
+# entry point the Prefect flow's tasks call (`rlhf stage NAME` -> run_stage). `rlhf run` executes
+# them through Prefect and then records the result with `dvc commit`; `dvc repro` runs them alone.
+"""
+
+
+def dvc_yaml(cfg) -> str:
+    """dvc.yaml for `cfg`: each stage runs `rlhf stage NAME` with its deps, params and outs."""
+    import yaml
+
+    stages = {}
+    for stage in STAGES:
+        entry: dict = {"cmd": f"rlhf stage {stage.name}"}
+        if stage.deps:
+            entry["deps"] = [PATHS[key] for key in stage.deps]
+        entry["params"] = stage_params(cfg, stage.name)
+        if stage.outs:
+            entry["outs"] = [PATHS[key] for key in stage.outs]
+        if stage.metrics:
+            entry["metrics"] = [{PATHS[key]: {"cache": False}} for key in stage.metrics]
+        stages[stage.name] = entry
+    return DVC_HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, default_flow_style=None, width=120)
 
 
 class Artifact(BaseModel):

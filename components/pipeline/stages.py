@@ -3,34 +3,31 @@
 Each stage reads its inputs from the paths in `layout.PATHS`, writes its outputs there, and is
 recorded as one MLflow run (params, content hashes of what it read and wrote, per-step metrics,
 its model with the transformers flavor). `run_stage` is the single entry point: the Prefect tasks
-call it, and so does `rlhf stage NAME`, which is what `dvc.yaml` runs.
+call it, and so does `rlhf stage NAME`, which is what `dvc.yaml` runs. The RL and evaluation
+stages are in components/pipeline/policy_stages.py.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import os
 import random
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import mlflow
 import torch
 
-from components import evaluation, world
-from components.data import preferences, validation
-from components.labelers import annotators
+from components import labelers, rewards, tasks
+from components.config import PipelineConfig
+from components.data import validation
+from components.data.records import PreferencePair, Sample
+from components.files import content_hash, read_jsonl, write_json, write_jsonl
 from components.models import lm
 from components.pipeline import tracking
-from components.rl import best_of_n, p3o, ppo, rest
-from components.trainers import dpo, reward_model, sft
-from components.world import gold
-from components.config import PipelineConfig
-from components.files import content_hash, read_jsonl, write_json, write_jsonl
-from components.pipeline.layout import PATHS, STAGE_BY_NAME, Artifact, StageResult
+from components.pipeline.layout import PATHS, STAGE_BY_NAME, Artifact, StageResult, stage_params
+from components.tasks import chat
+from components.trainers import reward_model, sft
 
 
 class Outcome(NamedTuple):
@@ -45,7 +42,7 @@ class StageError(RuntimeError):
     """A stage could not run or its output failed a check; the message says what and where."""
 
 
-def _path(root: str, key: str) -> Path:
+def path(root: str, key: str) -> Path:
     return Path(root) / PATHS[key]
 
 
@@ -67,30 +64,25 @@ def _prepare_checkpoints(root: str, stage: str, params: dict, inputs: list[Artif
     return folder
 
 
-def _reviews(root: str) -> list[world.Review]:
-    return [world.Review(**row) for row in read_jsonl(_path(root, "corpus"))]
+def prompts_of(root: str, split: str) -> list[str]:
+    return [row["prompt"] for row in read_jsonl(path(root, "prompts")) if row["split"] == split]
 
 
-def _prompts(root: str, split: str) -> list[str]:
-    return [row["prompt"] for row in read_jsonl(_path(root, "prompts")) if row["split"] == split]
+def load_reward(cfg: PipelineConfig, root: str, tokenizer):
+    """The reward source the reward stage wrote, with the task's references for reference metrics."""
+    references = {row["prompt"]: row["reference"] for row in read_jsonl(path(root, "prompts")) if row.get("reference")}
+    try:
+        return rewards.load(path(root, "reward"), tokenizer, references)
+    except ValueError as error:
+        raise StageError(str(error)) from error
 
 
-def build_world(cfg: PipelineConfig, root: str, log) -> Outcome:
-    reviews = world.generate_reviews(
-        cfg.world.n_reviews, cfg.world.eval_fraction, cfg.world.low_quality_fraction, cfg.seed
-    )
-    write_jsonl(_path(root, "corpus"), [asdict(r) for r in reviews])
-    prompts: dict[str, str] = {}  # prompt -> split, first occurrence wins, order kept
-    for review in reviews:
-        prompts.setdefault(review.prompt(cfg.world.prompt_words), review.split)
-    write_jsonl(_path(root, "prompts"), [{"prompt": p, "split": s} for p, s in prompts.items()])
-    metrics = {
-        "reviews": len(reviews),
-        "train_prompts": sum(s == "train" for s in prompts.values()),
-        "eval_prompts": sum(s == "eval" for s in prompts.values()),
-        "low_quality_share": sum(r.low_quality for r in reviews) / len(reviews),
-    }
-    return Outcome(metrics)
+def build_task(cfg: PipelineConfig, root: str, log) -> Outcome:
+    files = tasks.TaskFiles(path(root, "prompts"), path(root, "candidates"), path(root, "corpus"))
+    try:
+        return Outcome(tasks.make(cfg).build(files))
+    except (ValueError, OSError) as error:
+        raise StageError(f"task ({cfg.task.name}): {error}") from error
 
 
 def pretrain(cfg: PipelineConfig, root: str, log) -> Outcome:
@@ -98,80 +90,96 @@ def pretrain(cfg: PipelineConfig, root: str, log) -> Outcome:
     if base.pretrained:
         try:
             model, tokenizer = lm.load_policy(base.pretrained)
-        except OSError as error:
+        except (OSError, ValueError) as error:
             raise StageError(
                 f"base.pretrained: cannot load '{base.pretrained}' (offline: HF_HUB_OFFLINE=1 unless you set it to 0): {error}"
             ) from error
         metrics = {}
     else:
-        documents = [r.document for r in _reviews(root) if r.split == "train"]
+        documents = [row["text"] for row in read_jsonl(path(root, "corpus"))]
         tokenizer = lm.train_tokenizer(documents, base.vocab_size)
         model = lm.build_model(tokenizer, base.n_layer, base.n_head, base.n_embd, base.max_length)
         demos = [sft.Demonstration("", doc) for doc in documents]
         metrics = sft.train(model, tokenizer, demos, base.max_length, base, cfg.seed, log, checkpoints(root, "pretrain"))
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
-    lm.save_policy(model, tokenizer, _path(root, "base"))
+    lm.save_policy(model, tokenizer, path(root, "base"))
     return Outcome(metrics, tracking.log_transformers_model(model, tokenizer, "text-generation", "Base language model"))
 
 
 def supervised_fine_tune(cfg: PipelineConfig, root: str, log) -> Outcome:
-    k = cfg.world.prompt_words
-    candidates = [
-        sft.Demonstration(r.prompt(k), r.completion(k)) for r in _reviews(root) if r.split == "train"
-    ]
+    candidates = [sft.Demonstration(r["prompt"], r["response"], r.get("quality")) for r in read_jsonl(path(root, "candidates"))]
     random.Random(cfg.seed).shuffle(candidates)
     demos, dropped = sft.curate(
         candidates, cfg.sft.n_demonstrations, cfg.sft.min_words, cfg.sft.max_words, cfg.sft.min_quality
     )
-    write_jsonl(_path(root, "demonstrations"), [asdict(d) for d in demos])
-    model, tokenizer = lm.load_policy(_path(root, "base"))
+    if not demos:
+        raise StageError(f"sft: no demonstration left after curation ({dropped}); see the sft section's bounds")
+    write_jsonl(path(root, "demonstrations"), [{"prompt": d.prompt, "response": d.response} for d in demos])
+    model, tokenizer = lm.load_policy(path(root, "base"))
     metrics = sft.train(
-        model, tokenizer, demos, cfg.base.max_length, cfg.sft, cfg.seed, log, checkpoints(root, "sft"),
-        packing=cfg.sft.packing, chat_template=cfg.sft.chat_template,
+        model, tokenizer, demos, min(cfg.base.max_length, lm.context_length(model)), cfg.sft, cfg.seed, log,
+        checkpoints(root, "sft"), packing=cfg.sft.packing, chat_template=cfg.sft.chat_template,
     )
     metrics.update({"demonstrations": len(demos), **{f"dropped_{k}": v for k, v in dropped.items()}})
-    lm.save_policy(model, tokenizer, _path(root, "sft"))
+    lm.save_policy(model, tokenizer, path(root, "sft"))
     return Outcome(metrics, tracking.log_transformers_model(model, tokenizer, "text-generation", "SFT policy"))
 
 
+def labeler(cfg: PipelineConfig, root: str, name: str | None = None) -> labelers.Labeler:
+    """The labeler of the label stage (`data.source`, when set, is the file labeler) or `name`."""
+    name = name or ("file" if cfg.data.source else cfg.label.labeler)
+    context = labelers.LabelingContext(cfg, tasks.make(cfg).gold, path(root, "preferences").parent)
+    try:
+        return labelers.make(name, context)
+    except labelers.LabelingError as error:
+        raise StageError(f"label: {error}") from error
+
+
 def collect(cfg: PipelineConfig, root: str, log) -> Outcome:
-    prompts = _prompts(root, "train")
+    """K completions per sampled training prompt from the SFT policy (none when the labeler
+    brings its own labels)."""
+    if not labeler(cfg, root).needs_samples:
+        write_jsonl(path(root, "samples"), [])
+        return Outcome({"prompts": 0, "samples": 0})
+    prompts = prompts_of(root, "train")
     chosen = random.Random(cfg.seed).sample(prompts, k=min(cfg.collect.n_prompts, len(prompts)))
-    model, tokenizer = lm.load_policy(_path(root, "sft"))
+    model, tokenizer = lm.load_policy(path(root, "sft"))
     repeated = [p for p in chosen for _ in range(cfg.collect.k)]
     rows = lm.sample_many(model, tokenizer, repeated, cfg.sampling, cfg.seed)
     write_jsonl(
-        _path(root, "samples"),
+        path(root, "samples"),
         [{"prompt": p, "completion": c, "ended_with_eos": e, "policy": "sft"} for p, c, e in rows],
     )
     return Outcome({"prompts": len(chosen), "samples": len(rows), "eos_rate": sum(e for _, _, e in rows) / len(rows)})
 
 
+def _rendered(cfg: PipelineConfig, pairs: list[PreferencePair]) -> list[PreferencePair]:
+    """Pairs from a file, in the policy's chat format when the task uses the chat template."""
+    if not cfg.task.chat_template:
+        return pairs
+    render = chat.renderer(cfg)
+    clean = lambda text: chat.clean_response(text, chat=True)  # noqa: E731
+    return [
+        PreferencePair(render(p.prompt), clean(p.chosen), clean(p.rejected), p.margin, p.tie, p.annotator, p.source, p.meta)
+        for p in pairs
+    ]
+
+
 def label(cfg: PipelineConfig, root: str, log) -> Outcome:
-    if cfg.data.source:
-        return Outcome(ingest_preferences(cfg, root))
-    pairs, stats = annotators.label_samples(
-        read_jsonl(_path(root, "samples")), cfg.annotators.n_annotators, cfg.annotators.target_agreement, cfg.seed
-    )
-    write_jsonl(_path(root, "preferences"), pairs)
-    return Outcome(stats)
-
-
-def ingest_preferences(cfg: PipelineConfig, root: str) -> dict:
-    """An external preference set in place of the simulated labels, read and checked row by row."""
-    out = _path(root, "preferences").parent
+    chosen = labeler(cfg, root)
+    samples = [Sample(r["prompt"], r["completion"], r["ended_with_eos"]) for r in read_jsonl(path(root, "samples"))]
     try:
-        result = preferences.ingest(cfg.data.source, out, cfg.data)
-    except preferences.DataError as error:
-        raise StageError(f"data.source: {error}") from error
-    mlflow.log_dict(result.report, "ingest_report.json")
-    if not result.ok:
-        shown = "\n".join(entry.message() for entry in result.quarantine[:20])
-        raise StageError(
-            f"{cfg.data.source}: {result.report['quarantined_rows']} of {result.report['rows']} rows quarantined "
-            f"(more than data.max_invalid_fraction={cfg.data.max_invalid_fraction}), see {out / 'quarantine.jsonl'}\n{shown}"
-        )
-    return preferences.report_metrics(result.report)
+        pairs, stats = chosen.label(samples, cfg.seed)
+    except labelers.LabelingError as error:
+        raise StageError(f"label: {error}") from error
+    if cfg.data.max_pairs and len(pairs) > cfg.data.max_pairs:
+        kept = set(random.Random(cfg.seed).sample(range(len(pairs)), cfg.data.max_pairs))
+        pairs = [pair for i, pair in enumerate(pairs) if i in kept]
+    report = path(root, "preferences").parent / "report.json"
+    if report.is_file() and not chosen.needs_samples:
+        mlflow.log_artifact(str(report))
+    write_jsonl(path(root, "preferences"), [pair.to_row() for pair in _rendered(cfg, pairs)])
+    return Outcome(stats)
 
 
 def _pair_tokens(tokenizer, rows: list[dict]) -> list[int]:
@@ -187,208 +195,88 @@ def _pair_tokens(tokenizer, rows: list[dict]) -> list[int]:
 
 def validate(cfg: PipelineConfig, root: str, log) -> Outcome:
     """The GX suite on the preference set, with token lengths measured by the policy's tokenizer."""
-    source = _path(root, "preferences")
+    source = path(root, "preferences")
     rows = read_jsonl(source)
-    _, tokenizer = lm.load_policy(_path(root, "sft"))
+    _, tokenizer = lm.load_policy(path(root, "sft"))
     docs = source.parent / "data_docs"
     report = validation.validate_preferences(
         rows, cfg.data.mostly, cfg.data.max_chars, str(source), docs, _pair_tokens(tokenizer, rows), cfg.base.max_length
     )
     validation.build_data_docs(docs)
     mlflow.log_artifacts(str(docs), "data_docs")
-    write_json(_path(root, "validation"), report.to_dict())
+    write_json(path(root, "validation"), report.to_dict())
     if not report.success:
         raise StageError(report.summary())
     metrics = {"rows": report.n_rows, "failed_expectations": len(report.failures)}
     return Outcome(metrics, report=f"## Preference validation\n\n```\n{report.summary()}\n```")
 
 
-def _pairs(rows: list[dict]) -> list[reward_model.Pair]:
-    return [reward_model.Pair(r["prompt"], r["chosen"], r["rejected"], float(r.get("margin") or 0.0)) for r in rows]
+def preference_pairs(root: str) -> list[PreferencePair]:
+    return [PreferencePair.from_row(row) for row in read_jsonl(path(root, "preferences"))]
 
 
 def train_reward_model(cfg: PipelineConfig, root: str, log) -> Outcome:
-    pairs = _pairs([row for row in read_jsonl(_path(root, "preferences")) if not row.get("tie")])
+    """The reward source: a programmatic reward (`reward.function`), or a reward model trained on
+    the preference set from the SFT policy or `reward.backbone`."""
+    out = path(root, "reward")
+    shutil.rmtree(out, ignore_errors=True)
+    _, policy_tokenizer = lm.load_policy(path(root, "sft"))
+    if cfg.reward.function:
+        rewards.save_function_spec(out, cfg.reward.function)
+        load_reward(cfg, root, policy_tokenizer)  # fails now, not in the rl stage, when it cannot load
+        return Outcome({})
+    pairs = [pair for pair in preference_pairs(root) if not pair.tie]
     random.Random(cfg.seed).shuffle(pairs)
     n_eval = max(1, int(len(pairs) * cfg.reward.eval_fraction))
     eval_pairs, train_pairs = pairs[:n_eval], pairs[n_eval:]
-    _, tokenizer = lm.load_policy(_path(root, "sft"))
-    model = reward_model.load(_path(root, "sft"))
+    if cfg.reward.backbone:
+        model, tokenizer = reward_model.load_with_tokenizer(cfg.reward.backbone, cfg.reward.max_length)
+    else:
+        model, tokenizer = reward_model.load(path(root, "sft")), policy_tokenizer
     metrics = reward_model.train(model, tokenizer, train_pairs, cfg.reward, cfg.seed, log, checkpoints(root, "reward"))
     metrics["eval_accuracy"] = reward_model.accuracy(model, tokenizer, eval_pairs)
-    model.save_pretrained(str(_path(root, "reward")), safe_serialization=True)
-    tokenizer.save_pretrained(str(_path(root, "reward")))
+    rewards.RewardModel(model, tokenizer, text=bool(cfg.reward.backbone)).save(out)
     description = f"Reward model ({cfg.reward.loss} loss)"
     return Outcome(metrics, tracking.log_transformers_model(model, tokenizer, "text-classification", description))
 
 
+def _implementations() -> dict[str, Callable[[PipelineConfig, str, Callable], Outcome]]:
+    from components.pipeline import policy_stages
 
-
-def _probing(log, probe, total: int, first_step: int):
-    """A `log` that also takes a frontier measurement after each logged step of a method whose
-    steps are numbered from `first_step`."""
-
-    def wrapped(metrics: dict, step: int) -> None:
-        log(metrics, step)
-        probe(step - first_step + 1, total)
-
-    return wrapped
-
-
-def _train_method(
-    cfg: PipelineConfig, policy, sft_policy, reward, tokenizer, prompts, pairs, seed: int, log, probe, folder: Path
-):
-    """One round of the configured RL method on `policy`; returns the trained policy (the same
-    object, except after DPO with LoRA, whose adapters are merged) and the method's last metrics."""
-    algorithm, gold_reward = cfg.rl.algorithm, gold.gold_reward
-    if algorithm == "ppo":
-        if cfg.ppo.critic == "value_head":
-            critic = ppo.ValueHead(policy.config.hidden_size)
-        else:  # initialised from the reward model, as in InstructGPT
-            critic = copy.deepcopy(reward).requires_grad_(True)
-        return policy, ppo.train(
-            policy, sft_policy, critic, reward, tokenizer, prompts, cfg.ppo, cfg.sampling, seed, log, gold_reward,
-            checkpoint_dir=folder, probe=probe,
-        )
-    if algorithm in ("p3o_v1", "p3o_v2"):
-        return policy, p3o.train(
-            policy, sft_policy, reward, tokenizer, prompts, cfg.p3o, cfg.sampling, seed, algorithm.removeprefix("p3o_"),
-            log, gold_reward, checkpoint_dir=folder, probe=probe,
-        )
-    if algorithm == "rest":
-        total = cfg.rest.grow_steps * cfg.rest.improve_steps
-        return policy, rest.train(
-            policy, sft_policy, reward, tokenizer, prompts, cfg.rest, cfg.sampling, seed, _probing(log, probe, total, 0),
-            gold_reward,
-        )
-    if algorithm == "best_of_n":
-        return policy, best_of_n.train(
-            policy, sft_policy, reward, tokenizer, prompts, cfg.best_of_n, cfg.sampling, seed,
-            _probing(log, probe, 1, 0), gold_reward,
-        )
-    # dpo: on the labelled pairs (and each round's fresh ones); the reward model only scores the frontier
-    train_pairs = _pairs([row for row in pairs if not row.get("tie")])
-    total = cfg.dpo.epochs * max(1, len(train_pairs) // cfg.dpo.batch_size)
-    return dpo.train(
-        policy, tokenizer, train_pairs, min(cfg.base.max_length, lm.context_length(policy)), cfg.dpo, seed,
-        _probing(log, probe, total, 1), folder,
-    )
-
-
-def _fresh_preferences(cfg: PipelineConfig, policy, tokenizer, prompts: list[str], round_: int) -> tuple[list[dict], dict]:
-    """Samples of the current policy labelled afresh by the simulated annotators."""
-    chosen = random.Random(cfg.seed + round_).sample(prompts, k=min(cfg.rl.round_prompts, len(prompts)))
-    repeated = [p for p in chosen for _ in range(cfg.collect.k)]
-    samples = lm.sample_many(policy, tokenizer, repeated, cfg.sampling, cfg.seed + round_)
-    rows = [{"prompt": p, "completion": c, "ended_with_eos": e} for p, c, e in samples]
-    return annotators.label_samples(rows, cfg.annotators.n_annotators, cfg.annotators.target_agreement, cfg.seed + round_)
-
-
-def reinforce(cfg: PipelineConfig, root: str, log) -> Outcome:
-    """RL fine-tuning of the SFT policy with `rl.algorithm`, for `rl.rounds` online rounds.
-
-    Between rounds, samples of the current policy get fresh simulated labels, the reward model is
-    trained further on them and DPO gets them as new pairs. Each finished round is saved, so a
-    killed run resumes at the round it was in (PPO also within it, from its own checkpoints).
-    `rl.probe_points` times a round a frontier point (KL to SFT, gold and proxy reward on held-out
-    prompts) goes to the trace that the KL-reward frontier plot draws.
-    """
-    folder = checkpoints(root, "rl")
-    policy, tokenizer = lm.load_policy(_path(root, "sft"))
-    sft_policy, _ = lm.load_policy(_path(root, "sft"))
-    sft_policy.requires_grad_(False)
-    reward = reward_model.load(_path(root, "reward"))
-    prompts, probe_prompts = _prompts(root, "train"), _prompts(root, "eval")[: cfg.rl.probe_prompts]
-    pairs = read_jsonl(_path(root, "preferences"))
-    trace_file = folder / "trace.jsonl"
-    finished = sorted(folder.glob("after-round-*"))  # written whole, then renamed: complete or absent
-    done, round_stats = 0, {}
-    if finished:
-        state = finished[-1]
-        progress = json.loads((state / "round.json").read_text())
-        done, round_stats = progress["done"], progress["stats"]
-        policy, _ = lm.load_policy(state / "policy")
-        reward = reward_model.load(state / "reward")
-        pairs = read_jsonl(state / "pairs.jsonl")
-
-    metrics: dict = {}
-    for round_ in range(done, cfg.rl.rounds):
-        steps_before = round_ * 10_000  # frontier and MLflow steps stay increasing across rounds
-
-        def probe(step: int, total: int) -> None:
-            if cfg.rl.probe_points and (step % max(1, total // cfg.rl.probe_points) == 0 or step == total):
-                point = evaluation.frontier_point(policy, sft_policy, reward, tokenizer, probe_prompts, cfg.sampling, cfg.seed)
-                with open(trace_file, "a") as handle:
-                    handle.write(json.dumps({"round": round_, "step": steps_before + step, **point}) + "\n")
-
-        if round_ == 0:
-            probe(0, 1)
-        policy, metrics = _train_method(
-            cfg, policy, sft_policy, reward, tokenizer, prompts, pairs, cfg.seed + round_,
-            lambda m, step: log(m, steps_before + step), probe, folder / f"round-{round_}",
-        )
-        if round_ + 1 < cfg.rl.rounds:
-            fresh, stats = _fresh_preferences(cfg, policy, tokenizer, prompts, round_ + 1)
-            pairs = pairs + fresh
-            reward_model.train(reward.requires_grad_(True), tokenizer, _pairs(fresh), cfg.reward, cfg.seed + round_ + 1)
-            round_stats.update({f"round{round_ + 1}_{key}": value for key, value in stats.items()})
-            partial = folder / "partial-round"
-            shutil.rmtree(partial, ignore_errors=True)
-            lm.save_policy(policy, tokenizer, partial / "policy")
-            reward.save_pretrained(str(partial / "reward"), safe_serialization=True)
-            write_jsonl(partial / "pairs.jsonl", pairs)
-            (partial / "round.json").write_text(json.dumps({"done": round_ + 1, "stats": round_stats}))
-            os.replace(partial, folder / f"after-round-{round_:03d}")
-
-    trace = {}  # a step measured again after a resume keeps its last value
-    for row in read_jsonl(trace_file) if trace_file.is_file() else []:
-        trace[row["step"]] = {"algorithm": cfg.rl.algorithm, **row}
-    write_jsonl(_path(root, "trace"), [trace[step] for step in sorted(trace)])
-    lm.save_policy(policy, tokenizer, _path(root, "policy"))
-    description = f"{cfg.rl.algorithm} policy"
-    model_uri = tracking.log_transformers_model(policy, tokenizer, "text-generation", description)
-    return Outcome({**metrics, **round_stats}, model_uri)
-
-
-def evaluate(cfg: PipelineConfig, root: str, log) -> Outcome:
-    policy, tokenizer = lm.load_policy(_path(root, "policy"))
-    sft_policy, _ = lm.load_policy(_path(root, "sft"))
-    reward = reward_model.load(_path(root, "reward"))
-    prompts = _prompts(root, "eval")[: cfg.eval.n_prompts]
-    metrics, rows = evaluation.evaluate(policy, sft_policy, reward, tokenizer, prompts, cfg.sampling, cfg.seed + 1)
-    write_jsonl(_path(root, "completions"), rows)
-    write_json(_path(root, "eval_metrics"), metrics)
-    return Outcome(metrics)
-
-
-IMPLEMENTATIONS: dict[str, Callable[[PipelineConfig, str, Callable], Outcome]] = {
-    "world": build_world,
-    "pretrain": pretrain,
-    "sft": supervised_fine_tune,
-    "collect": collect,
-    "label": label,
-    "validate": validate,
-    "reward": train_reward_model,
-    "rl": reinforce,
-    "evaluate": evaluate,
-}
+    return {
+        "task": build_task,
+        "pretrain": pretrain,
+        "sft": supervised_fine_tune,
+        "collect": collect,
+        "label": label,
+        "validate": validate,
+        "reward": train_reward_model,
+        "rl": policy_stages.reinforce,
+        "evaluate": policy_stages.evaluate,
+    }
 
 
 def config_inputs(name: str, cfg: PipelineConfig) -> list[Artifact]:
     """Local files the configuration points a stage at (a preference set to ingest, a pretrained
-    model folder): inputs like the upstream outputs, so their content hash keys the cache too."""
-    setting, path = {"label": ("data.source", cfg.data.source), "pretrain": ("base.pretrained", cfg.base.pretrained)}.get(
-        name, (None, None)
-    )
-    if not path or not Path(path).exists():
-        return []  # none, or a hub id: its revision is the hub's business
-    return [Artifact(name=setting, path=str(Path(path).resolve()), md5=content_hash(path))]
+    model folder, the task's files): inputs like the upstream outputs, so their content hash keys
+    the cache too."""
+    named = {
+        "label": [("data.source", cfg.data.source)],
+        "pretrain": [("base.pretrained", cfg.base.pretrained)],
+        "reward": [("reward.backbone", cfg.reward.backbone)],
+        "task": [(f"task.{key}", getattr(cfg.task, key)) for key in ("prompts", "eval_prompts", "demonstrations")],
+    }.get(name, [])
+    return [
+        Artifact(name=setting, path=str(Path(value).resolve()), md5=content_hash(value))
+        for setting, value in named
+        if value and Path(value).exists()  # not a hub id or gguf: name, whose revision is their own business
+    ]
 
 
-def stage_params(cfg: PipelineConfig, name: str) -> dict:
+def params_of(cfg: PipelineConfig, name: str) -> dict:
     """The slice of the configuration a stage reads (what dvc.yaml lists as its params)."""
     dumped = cfg.model_dump()
-    return {key: dumped[key] for key in STAGE_BY_NAME[name].params}
+    return {key: dumped[key] for key in stage_params(cfg, name)}
 
 
 def run_stage(name: str, cfg: PipelineConfig, root: str | Path, parent_run_id: str | None = None) -> StageResult:
@@ -402,10 +290,10 @@ def run_stage(name: str, cfg: PipelineConfig, root: str | Path, parent_run_id: s
             raise StageError(f"stage '{name}' needs {PATHS[dep]} under {root}: run the stage that writes it first") from None
     tracking.configure(root, cfg.experiment)
     torch.manual_seed(cfg.seed)
-    params = stage_params(cfg, name)
+    params = params_of(cfg, name)
     checkpoint_folder = _prepare_checkpoints(root, name, params, inputs)
     with tracking.stage_run(name, params, inputs, parent_run_id) as run:
-        outcome = IMPLEMENTATIONS[name](cfg, root, tracking.metric_logger("train"))
+        outcome = _implementations()[name](cfg, root, tracking.metric_logger("train"))
         outputs = [Artifact.of(root, key) for key in stage.outs + stage.metrics]
         mlflow.log_metrics({key: float(value) for key, value in outcome.metrics.items()})
         tracking.log_outputs(outputs)

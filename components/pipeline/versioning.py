@@ -15,15 +15,15 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
-def is_dvc_repo(root: str | Path) -> bool:
-    return (Path(root) / ".dvc").is_dir() and (Path(root) / "dvc.yaml").is_file()
-
-
-def record(root: str | Path) -> dict:
-    """Commit all stages of `root`'s dvc.yaml and push to the default remote (if one is set)."""
-    if not is_dvc_repo(root):
-        log.warning("%s is not a DVC repository with a dvc.yaml: outputs are not versioned", root)
+def record(root: str | Path, dvc_yaml: str) -> dict:
+    """Write `dvc_yaml` (the stages as the run's configuration declares them) to `root`, commit
+    all its stages and push to the default remote (if one is set)."""
+    if not (Path(root) / ".dvc").is_dir():
+        log.warning("%s is not a DVC repository: outputs are not versioned", root)
         return {"committed": False, "pushed": 0}
+    stages = Path(root) / "dvc.yaml"
+    if not stages.is_file() or stages.read_text() != dvc_yaml:
+        stages.write_text(dvc_yaml)
     from dvc.repo import Repo  # heavy import, only when versioning
 
     # DVC resolves stage paths against the working directory, so run it from the project root

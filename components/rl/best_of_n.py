@@ -19,17 +19,28 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
+from pydantic import Field
 
 from components.models import lm
 from components.rl import rollout
-from components.trainers import reward_model, sft
-from components.world import gold
-from components.config import BestOfNConfig, SamplingConfig, TrainerConfig
-from components.evaluation import win_rate
-from components.models.training import MetricsLogger, no_logging
+from components.rl.base import RLInputs
+from components.sections import SamplingConfig, TrainerConfig
+from components.trainers import sft
+
+
+class BestOfNConfig(TrainerConfig):
+    """Best-of-n: the response the reward model scores highest among n samples, at inference and
+    as rejection-sampling fine-tuning (the policy is fine-tuned on best-of-n responses)."""
+
+    n: int = Field(16, ge=2, description="samples per prompt")
+    n_prompts: int = Field(512, ge=1, description="training prompts whose best-of-n responses are fine-tuned on")
+    missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the score of a response without EOS")
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
 
 
 class Sample(NamedTuple):
@@ -58,7 +69,6 @@ def sample_scored(
     """
     # no dropout: the reward model must score as it was evaluated, the policy sample as it will be
     policy.eval()
-    reward.eval()
     per_batch = max(1, sampling.batch_size // n)
     samples: list[Sample] = []
     for start in range(0, len(prompts), per_batch):
@@ -92,29 +102,14 @@ def score_mean(samples: list[Sample]) -> float:
     return sum(s.score for s in samples) / len(samples)
 
 
-def gold_reward_mean(samples: list[Sample], gold_reward: Callable[[str, str, bool], float]) -> float:
-    return sum(gold_reward(s.prompt, s.completion, s.ended_with_eos) for s in samples) / len(samples)
-
-
-def train(
-    policy,
-    ref_policy,
-    reward,
-    tokenizer,
-    prompts: list[str],
-    cfg: BestOfNConfig,
-    sampling: SamplingConfig,
-    seed: int,
-    log: MetricsLogger = no_logging,
-    gold_reward: Callable[[str, str, bool], float] | None = None,
-) -> dict:
-    """Rejection-sampling fine-tuning in place on `policy`: best-of-`cfg.n` responses to
-    `cfg.n_prompts` training prompts, then `cfg.epochs` of the SFT loss on them.
-
-    `ref_policy` is unused (the policy samples before it moves, so the KL of its samples to the
-    reference is 0); it keeps the signature of the other RL methods. `gold_reward`, when given,
-    is only logged, never optimised.
-    """
+def train(run: RLInputs) -> tuple[torch.nn.Module, dict]:
+    """Rejection-sampling fine-tuning in place on the policy: best-of-`cfg.n` responses to
+    `cfg.n_prompts` training prompts, then `cfg.epochs` of the SFT loss on them. `run.reference`
+    is unused: the policy samples before it moves, so the KL of its samples to it is 0."""
+    cfg: BestOfNConfig = run.config
+    policy, reward, tokenizer, prompts, sampling, seed = (
+        run.policy, run.reward, run.tokenizer, run.prompts, run.sampling, run.seed
+    )
     torch.manual_seed(seed)
     batch_prompts = random.Random(seed).sample(prompts, k=min(cfg.n_prompts, len(prompts)))
     samples = sample_scored(policy, reward, tokenizer, batch_prompts, cfg.n, sampling, cfg.missing_eos_penalty)
@@ -125,56 +120,6 @@ def train(
         "eos_rate": sum(s.ended_with_eos for s in kept) / len(kept),
         "nll": fine_tune(policy, tokenizer, kept, cfg, seed)["loss"],
     }
-    if gold_reward is not None:
-        metrics["sample_gold_reward_mean"] = gold_reward_mean(samples, gold_reward)
-        metrics["gold_reward_mean"] = gold_reward_mean(kept, gold_reward)
-    log(metrics, 0)
-    return metrics
-
-
-def _proxy_and_lengths(reward, tokenizer, rows: list[tuple[str, str, bool]], batch_size: int):
-    """Raw reward-model scores and response lengths (tokens, EOS included), as evaluation reports them."""
-    proxy, lengths = [], []
-    for start in range(0, len(rows), batch_size):
-        batch = lm.make_rollout(tokenizer, *map(list, zip(*rows[start : start + batch_size])))
-        with torch.no_grad():
-            proxy.extend(reward_model.scores(reward, batch).tolist())
-        lengths.extend(batch.response_mask.sum(1).tolist())
-    return proxy, lengths
-
-
-def evaluate(
-    sft_policy, reward, tokenizer, prompts: list[str], n: int, sampling: SamplingConfig, seed: int,
-    missing_eos_penalty: float = 1.0,
-):
-    """The eval/* metrics of components/evaluation.py for inference-time best-of-n of the SFT
-    policy against one SFT sample per prompt; returns (metrics, rows) as evaluation.evaluate does.
-
-    The SFT answers are those evaluation.evaluate draws with the same seed, so the numbers compare
-    with any policy's evaluation. eval/kl_to_sft is `best_of_n_kl(n)`.
-    """
-    sft_rows = lm.sample_many(sft_policy, tokenizer, prompts, sampling, seed)
-    torch.manual_seed(seed)
-    best_rows = [s[:3] for s in best_of_n(sft_policy, reward, tokenizer, prompts, n, sampling, missing_eos_penalty)]
-    rows, lengths = [], {}
-    for name, answers in (("best_of_n", best_rows), ("sft", sft_rows)):
-        proxy, lengths[name] = _proxy_and_lengths(reward, tokenizer, answers, sampling.batch_size)
-        rows.extend(
-            {
-                "model": name, "prompt": p, "completion": c, "ended_with_eos": e,
-                "gold": gold.gold_reward(p, c, e), "proxy": r,
-            }
-            for (p, c, e), r in zip(answers, proxy)
-        )
-    ours = [r for r in rows if r["model"] == "best_of_n"]
-    base = [r for r in rows if r["model"] == "sft"]
-    metrics = {
-        "eval/gold_win_rate_vs_sft": win_rate([r["gold"] for r in ours], [r["gold"] for r in base]),
-        "eval/proxy_win_rate_vs_sft": win_rate([r["proxy"] for r in ours], [r["proxy"] for r in base]),
-        "eval/kl_to_sft": best_of_n_kl(n),
-        "eval/gold_reward_mean": sum(r["gold"] for r in ours) / len(ours),
-        "eval/sft_gold_reward_mean": sum(r["gold"] for r in base) / len(base),
-        "eval/response_length_mean": sum(lengths["best_of_n"]) / len(ours),
-        "eval/eos_rate": sum(r["ended_with_eos"] for r in ours) / len(ours),
-    }
-    return metrics, rows
+    run.log(metrics, 0)
+    run.probe(1, 1)
+    return policy, metrics

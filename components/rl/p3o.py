@@ -25,19 +25,39 @@ and the clipped objectives of `p3o_loss` reproduce the second gradient wherever 
 
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Callable
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from components.models import checkpoint, lm
-from components.config import P3OConfig, SamplingConfig
+from components.rl.base import RLInputs
 from components.rl.ppo import entropy, kl_per_token
-from components.rl.rollout import Experience, collect
-from components.models.training import MetricsLogger, no_logging
+from components.rl.rollout import Experience, collect, trainable_parameters
+from components.sections import Section
+
+
+class P3OConfig(Section):
+    """Pairwise proximal policy optimisation (Wu et al. 2023): two responses per prompt, the
+    policy gradient of their reward difference. Clipping V1 or V2 is chosen by rl.algorithm."""
+
+    steps: int = Field(20, ge=1, description="rollout-and-update iterations")
+    batch_size: int = Field(32, ge=1, description="prompts per rollout, two responses each")
+    minibatch_size: int = Field(16, ge=1, description="prompt pairs per gradient step")
+    update_epochs: int = Field(4, ge=1, description="passes over the replay buffer after each rollout")
+    buffer_size: int = Field(
+        64, ge=1, description="prompt pairs kept for replay, importance-weighted against the policy that sampled them"
+    )
+    lr: float = Field(5e-5, gt=0)
+    kl_coef: float = Field(0.1, ge=0, description="beta of the KL penalty to the SFT reference in each response's reward")
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    cliprange: float = Field(0.2, gt=0)
+    missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the score of a response without EOS")
+    checkpoint_every: int = Field(5, ge=1, description="iterations between checkpoints a killed run resumes from")
 
 VERSIONS = ("v1", "v2")
 
@@ -186,40 +206,31 @@ class ReplayBuffer:
         self.pairs = [ResponsePair(**p) for p in state["pairs"]]
 
 
-def train(
-    policy,
-    ref_policy,
-    reward,
-    tokenizer,
-    prompts: list[str],
-    cfg: P3OConfig,
-    sampling: SamplingConfig,
-    seed: int,
-    version: str,
-    log: MetricsLogger = no_logging,
-    gold_reward: Callable[[str, str, bool], float] | None = None,
-    checkpoint_dir: Path | None = None,
-    probe: Callable[[int, int], None] | None = None,
-) -> dict:
-    """Run `cfg.steps` P3O iterations (Algorithm 1) in place on `policy`; returns the last metrics.
+def train(run: RLInputs, version: str) -> tuple[torch.nn.Module, dict]:
+    """Run `cfg.steps` P3O iterations (Algorithm 1) in place on the policy; returns the policy
+    and the last metrics.
 
-    `version` is "v1" or "v2" (see `p3o_loss`). With `checkpoint_dir`, the policy, optimizer,
-    replay buffer and RNG states are saved every `cfg.checkpoint_every` iterations and a killed run
-    resumes from the latest checkpoint; `probe(step, total)` is called after every iteration.
-    `gold_reward`, when given, is only logged (the world's oracle), never optimised.
+    `version` is "v1" or "v2" (see `p3o_loss`). The policy, optimizer, replay buffer and RNG
+    states are checkpointed every `cfg.checkpoint_every` iterations in `run.checkpoint_dir`, and
+    a killed run resumes from the latest.
     """
+    cfg: P3OConfig = run.config
+    policy, ref_policy, reward, tokenizer, prompts, sampling = (
+        run.policy, run.reference, run.reward, run.tokenizer, run.prompts, run.sampling
+    )
+    seed, checkpoint_dir = run.seed, run.checkpoint_dir
     if version not in VERSIONS:
         raise ValueError(f"unknown P3O version {version!r}: one of {VERSIONS}")
     torch.manual_seed(seed)
     rng = random.Random(seed)
     # eval mode throughout: dropout would make the update's log-probs differ from the behaviour
     # log-probs at ratio 1 and bias the clipping
-    frozen = [model for model in (ref_policy, reward) if model is not None]
-    for model in (policy, *frozen):
-        model.eval()
-    for model in frozen:
-        model.requires_grad_(False)
-    parameters = [p for p in policy.parameters() if p.requires_grad]
+    for model in (policy, ref_policy):
+        if model is not None:
+            model.eval()
+    if ref_policy is not None:
+        ref_policy.requires_grad_(False)
+    parameters = trainable_parameters(policy)
     optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, eps=1e-5)
     buffer = ReplayBuffer(cfg.buffer_size)
     metrics: dict = {}
@@ -278,13 +289,13 @@ def train(
             "buffer_pairs": len(buffer),
             **{key: float(np.mean(values)) for key, values in update_stats.items()},
         }
-        if gold_reward is not None:
-            rows = zip(rollout.prompts, rollout.completions, rollout.ended_with_eos)
-            metrics["gold_reward_mean"] = float(np.mean([gold_reward(p, c, e) for p, c, e in rows]))
-        log(metrics, step)
-        if probe is not None:
-            probe(step + 1, cfg.steps)
+        run.log(metrics, step)
+        run.probe(step + 1, cfg.steps)
         if checkpoint_dir is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             state = {"rng": checkpoint.random_state(rng), "metrics": metrics, "buffer": buffer.state_dict()}
             checkpoint.save(checkpoint_dir, step + 1, {"policy": policy}, optimizer, state)
-    return metrics
+    return policy, metrics
+
+
+train_v1 = functools.partial(train, version="v1")
+train_v2 = functools.partial(train, version="v2")

@@ -18,17 +18,53 @@ resumes after a crash or kill with the same policy, critic, optimizer, KL coeffi
 
 from __future__ import annotations
 
+import copy
 import random
-from pathlib import Path
-from typing import Callable
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field, model_validator
 
 from components.models import checkpoint, lm
-from components.config import PPOConfig, SamplingConfig
-from components.rl.rollout import collect
-from components.models.training import MetricsLogger, no_logging
+from components.rl.base import RLInputs
+from components.rl.rollout import collect, trainable_parameters
+from components.sections import Section
+
+
+class PPOConfig(Section):
+    """PPO against the reward model with a per-token KL penalty to the SFT reference."""
+
+    steps: int = Field(30, ge=1, description="rollout-and-update iterations")
+    batch_size: int = Field(64, ge=1, description="prompts per rollout")
+    minibatch_size: int = Field(16, ge=1)
+    ppo_epochs: int = Field(4, ge=1, description="passes over each rollout")
+    lr: float = Field(5e-5, gt=0)
+    kl_coef: float = Field(0.1, ge=0, description="beta of the per-token KL penalty (its start when adaptive)")
+    kl_target: float | None = Field(
+        None, gt=0, description="sequence KL the adaptive controller steers beta towards; None keeps beta fixed"
+    )
+    kl_horizon: int = Field(10000, ge=1, description="adaptive controller horizon in samples (Ziegler et al. 2019)")
+    kl_estimator: Literal["k1", "k3"] = "k1"
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.5, ge=0)
+    missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the score of a response without EOS")
+    whiten_rewards: bool = False
+    critic: Literal["separate", "value_head"] = Field(
+        "separate",
+        description="separate: a critic network initialised from the reward model (InstructGPT); value_head: a "
+        "scalar head on the policy's own transformer",
+    )
+    checkpoint_every: int = Field(5, ge=1, description="iterations between checkpoints a killed run resumes from")
+
+    @model_validator(mode="after")
+    def _minibatches(self) -> "PPOConfig":
+        if self.batch_size % self.minibatch_size:
+            raise ValueError("batch_size must be a multiple of minibatch_size")
+        return self
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -208,38 +244,40 @@ def entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
     return float(masked_mean(-(logp.exp() * logp).sum(-1), mask))
 
 
-def train(
-    policy,
-    ref_policy,
-    critic,
-    reward,
-    tokenizer,
-    prompts: list[str],
-    cfg: PPOConfig,
-    sampling: SamplingConfig,
-    seed: int,
-    log: MetricsLogger = no_logging,
-    gold_reward: Callable[[str, str, bool], float] | None = None,
-    checkpoint_dir: Path | None = None,
-    probe: Callable[[int, int], None] | None = None,
-) -> dict:
-    """Run `cfg.steps` PPO iterations in place on `policy` and `critic`; returns the last metrics.
+def make_critic(run: RLInputs, cfg: PPOConfig):
+    """A value head on the policy's trunk, or a separate network initialised from the reward
+    model (InstructGPT), which must then be a reward model on the policy's own tokens."""
+    if cfg.critic == "value_head":
+        return ValueHead(run.policy.config.hidden_size)
+    reward_net = getattr(run.reward, "model", None)
+    if reward_net is None or getattr(run.reward, "text", False):
+        raise ValueError(
+            "ppo.critic=separate starts the critic from a reward model on the policy's tokens; this reward source "
+            "has none: set ppo.critic=value_head"
+        )
+    return copy.deepcopy(reward_net).requires_grad_(True)
 
-    `critic` is a separate network with a scalar head or a `ValueHead` on the policy. With
-    `checkpoint_dir`, the policy, critic, optimizer, KL coefficient and RNG states are saved every
-    `cfg.checkpoint_every` steps and a killed run resumes from the latest checkpoint. `probe(step,
-    total)` is called after every step (the RL stage measures KL and rewards for the frontier plot).
-    `gold_reward`, when given, is only logged (the world's oracle), never optimised.
+
+def train(run: RLInputs) -> tuple[torch.nn.Module, dict]:
+    """Run `cfg.steps` PPO iterations in place on the policy and a new critic; returns the policy
+    and the last metrics.
+
+    The policy, critic, optimizer, KL coefficient and RNG states are checkpointed every
+    `cfg.checkpoint_every` steps in `run.checkpoint_dir`, and a killed run resumes from the latest.
     """
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    for model in (policy, critic, ref_policy, reward):
+    cfg: PPOConfig = run.config
+    policy, ref_policy, reward, tokenizer, prompts, sampling = (
+        run.policy, run.reference, run.reward, run.tokenizer, run.prompts, run.sampling
+    )
+    critic = make_critic(run, cfg)
+    torch.manual_seed(run.seed)
+    rng = random.Random(run.seed)
+    for model in (policy, critic, ref_policy):
         if model is not None:
             model.eval()
-    for frozen in (ref_policy, reward):
-        if frozen is not None:
-            frozen.requires_grad_(False)
-    trainable = [p for p in [*policy.parameters(), *critic.parameters()] if p.requires_grad]
+    if ref_policy is not None:
+        ref_policy.requires_grad_(False)
+    trainable = trainable_parameters(policy, critic)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, eps=1e-5)
     temperature = sampling.temperature
     kl_controller = (
@@ -247,6 +285,7 @@ def train(
     )
     metrics: dict = {}
     start = 0
+    checkpoint_dir = run.checkpoint_dir
     restored = checkpoint.load_latest(checkpoint_dir, {"policy": policy, "critic": critic}, optimizer)
     if restored is not None:
         state, _ = restored
@@ -312,14 +351,9 @@ def train(
             **{key: float(np.mean(values)) for key, values in update_stats.items()},
         }
         kl_controller.update(metrics["kl"], len(batch_prompts))
-        if gold_reward is not None:
-            metrics["gold_reward_mean"] = float(
-                np.mean([gold_reward(p, c, e) for p, c, e in zip(rollout.prompts, rollout.completions, rollout.ended_with_eos)])
-            )
-        log(metrics, step)
-        if probe is not None:
-            probe(step + 1, cfg.steps)
+        run.log(metrics, step)
+        run.probe(step + 1, cfg.steps)
         if checkpoint_dir is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             state = {"kl_coef": kl_controller.value, "rng": checkpoint.random_state(rng), "metrics": metrics}
             checkpoint.save(checkpoint_dir, step + 1, {"policy": policy, "critic": critic}, optimizer, state)
-    return metrics
+    return policy, metrics

@@ -26,13 +26,36 @@ The reference policy is not used: ReST has no KL term, and evaluation measures t
 from __future__ import annotations
 
 import random
-from typing import Callable
 
 import torch
+from pydantic import Field, model_validator
 
-from components.rl.best_of_n import fine_tune, gold_reward_mean, sample_scored, score_mean
-from components.config import RestConfig, SamplingConfig
-from components.models.training import MetricsLogger, no_logging
+from components.rl.base import RLInputs
+from components.rl.best_of_n import fine_tune, sample_scored, score_mean
+from components.sections import TrainerConfig
+
+
+class RestConfig(TrainerConfig):
+    """ReST (Gulcehre et al. 2023): Grow samples from the current policy, each Improve step
+    fine-tunes on the samples above a rising reward threshold."""
+
+    grow_steps: int = Field(2, ge=1, description="Grow phases")
+    improve_steps: int = Field(3, ge=1, description="Improve steps per Grow, each with a higher threshold")
+    n_prompts: int = Field(256, ge=1, description="training prompts sampled in each Grow")
+    n_samples: int = Field(8, ge=1, description="responses per prompt in each Grow")
+    thresholds: list[float] = Field(
+        [0.5, 0.7, 0.9], description="reward quantiles of the Grow set that the Improve steps keep samples above"
+    )
+    missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the score of a response without EOS")
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-4, gt=0)
+
+    @model_validator(mode="after")
+    def _one_threshold_per_improve_step(self) -> "RestConfig":
+        if sorted(self.thresholds) != self.thresholds or len(self.thresholds) != self.improve_steps:
+            raise ValueError("thresholds must rise and hold one quantile per Improve step (improve_steps)")
+        return self
 
 
 def improve_filter(scores: torch.Tensor, quantile: float) -> tuple[float, torch.Tensor]:
@@ -42,26 +65,15 @@ def improve_filter(scores: torch.Tensor, quantile: float) -> tuple[float, torch.
     return threshold, scores > threshold
 
 
-def train(
-    policy,
-    ref_policy,
-    reward,
-    tokenizer,
-    prompts: list[str],
-    cfg: RestConfig,
-    sampling: SamplingConfig,
-    seed: int,
-    log: MetricsLogger = no_logging,
-    gold_reward: Callable[[str, str, bool], float] | None = None,
-) -> dict:
-    """Run `cfg.grow_steps` Grow steps of `cfg.improve_steps` Improve steps each, in place on
-    `policy`; logs every Improve step's metrics and returns the last.
-
-    `ref_policy` is unused (see the module docstring); it keeps the signature of the other RL
-    methods. `gold_reward`, when given, is only logged (the world's oracle), never optimised.
-    """
-    if len(cfg.thresholds) != cfg.improve_steps:
-        raise ValueError("cfg.thresholds must hold one quantile per Improve step")
+def train(run: RLInputs) -> tuple[torch.nn.Module, dict]:
+    """Run `cfg.grow_steps` Grow steps of `cfg.improve_steps` Improve steps each, in place on the
+    policy; logs every Improve step's metrics and returns the policy and the last metrics.
+    `run.reference` is unused (see the module docstring)."""
+    cfg: RestConfig = run.config
+    policy, reward, tokenizer, prompts, sampling, seed = (
+        run.policy, run.reward, run.tokenizer, run.prompts, run.sampling, run.seed
+    )
+    total = cfg.grow_steps * cfg.improve_steps
     torch.manual_seed(seed)
     rng = random.Random(seed)
     metrics: dict = {}
@@ -74,8 +86,6 @@ def train(
             "grow_score_mean": score_mean(samples),
             "eos_rate": sum(s.ended_with_eos for s in samples) / len(samples),
         }
-        if gold_reward is not None:
-            grow_metrics["grow_gold_reward_mean"] = gold_reward_mean(samples, gold_reward)
         for improve, quantile in enumerate(cfg.thresholds):
             step = grow * cfg.improve_steps + improve
             threshold, keep = improve_filter(scores, quantile)
@@ -83,9 +93,8 @@ def train(
             metrics = {**grow_metrics, "threshold": threshold, "quantile": quantile, "kept": len(kept)}
             if kept:  # empty when no score lies above the threshold (all tie, or the quantile is 1)
                 metrics["score_mean"] = score_mean(kept)
-                if gold_reward is not None:
-                    metrics["gold_reward_mean"] = gold_reward_mean(kept, gold_reward)
                 # a new data order for every Improve step
                 metrics["nll"] = fine_tune(policy, tokenizer, kept, cfg, seed + step)["loss"]
-            log(metrics, step)
-    return metrics
+            run.log(metrics, step)
+            run.probe(step + 1, total)
+    return policy, metrics

@@ -3,7 +3,7 @@
 `collect` samples K responses per prompt from the policy (KV-cached `generate`, temperature and
 top-p, at most `max_new_tokens`, stopping at EOS), then records for every response token the
 policy's `logprobs` and the reference's `ref_logprobs`, and for every response the reward model's
-normalised `score` minus a penalty when it hit the token limit without EOS. The score belongs to
+normalised `score` (a reward source, components/rewards/) minus a penalty when it hit the token limit without EOS. The score belongs to
 the last response token; methods that need per-token rewards put it there (PPO).
 
 With a LoRA policy (peft) and no separate reference, the reference is the base model with the
@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from components.models import lm
-from components.trainers import reward_model
-from components.config import SamplingConfig
+from components.sections import SamplingConfig
 
 
 @dataclass
@@ -61,8 +60,15 @@ def generate(policy, tokenizer, prompts: list[str], k: int, sampling: SamplingCo
 
 @torch.no_grad()
 def score(reward, rollout: lm.Rollout, missing_eos_penalty: float) -> torch.Tensor:
+    """The reward source's normalised score, minus the penalty for a response cut without EOS."""
     eos = torch.tensor(rollout.ended_with_eos, dtype=torch.float)
-    return reward_model.normalised_scores(reward, rollout).float().cpu() - missing_eos_penalty * (1 - eos)
+    return reward.normalised(rollout).float().cpu() - missing_eos_penalty * (1 - eos)
+
+
+def trainable_parameters(*models) -> list[torch.nn.Parameter]:
+    """What an RL optimizer updates: every parameter that requires grad (only the adapters of a
+    LoRA policy)."""
+    return [p for model in models for p in model.parameters() if p.requires_grad]
 
 
 def collect(

@@ -19,6 +19,8 @@ as TRL does, so that at the first step the policy and the reference agree exactl
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import copy
 import hashlib
 import json
@@ -28,16 +30,17 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers.pytorch_utils import Conv1D
 
-from components.models import lm
-from components.config import DPOConfig, PipelineConfig
+from components.models import lm, lora
+from components.sections import DPOConfig
 from components.files import read_records
-from components.trainers.reward_model import Pair
+from components.data.records import PreferencePair
 from components.models.training import MetricsLogger, make_accelerator, no_logging, save_on_main, train_loop, unwrap
+
+if TYPE_CHECKING:
+    from components.config import PipelineConfig
 
 REF_CACHE = "ref_logprobs.safetensors"
 
@@ -104,7 +107,7 @@ def truncate(tokens: PairTokens, max_length: int) -> PairTokens:
     return PairTokens(tokens.prompt[len(tokens.prompt) - keep :], tokens.chosen[:room], tokens.rejected[:room])
 
 
-def encode_pairs(tokenizer, pairs: list[Pair], max_length: int) -> list[PairTokens]:
+def encode_pairs(tokenizer, pairs: list[PreferencePair], max_length: int) -> list[PairTokens]:
     """Token ids of each pair, EOS appended to both completions, truncated to `max_length`."""
 
     def ids(texts: list[str]) -> list[list[int]]:
@@ -124,7 +127,7 @@ def _padded(tokenizer, rows: list[list[int]], side: str) -> tuple[torch.Tensor, 
     return batch["input_ids"], batch["attention_mask"]
 
 
-def collate(tokenizer, pairs: list[Pair], tokens: list[PairTokens]) -> lm.Rollout:
+def collate(tokenizer, pairs: list[PreferencePair], tokens: list[PairTokens]) -> lm.Rollout:
     """The 2B rows [chosen; rejected] in lm's Rollout layout, each prompt repeated on both rows."""
     completions = [t.chosen for t in tokens] + [t.rejected for t in tokens]
     prompt_ids, prompt_mask = _padded(tokenizer, [t.prompt for t in tokens] * 2, "left")
@@ -165,7 +168,7 @@ def _fingerprint(tokens: list[PairTokens]) -> str:
 
 
 def precompute_ref_logprobs(
-    policy, ref_model, tokenizer, pairs: list[Pair], tokens: list[PairTokens], batch_size: int,
+    policy, ref_model, tokenizer, pairs: list[PreferencePair], tokens: list[PairTokens], batch_size: int,
     mixed_precision: str = "auto", cache: Path | None = None,
 ) -> torch.Tensor:
     """Reference log-probs of every pair, shape (2, N): chosen, rejected. Computed in fixed batches
@@ -201,7 +204,7 @@ class DPOObjective:
     """
 
     def __init__(
-        self, tokenizer, pairs: list[Pair], tokens: list[PairTokens], cfg: DPOConfig,
+        self, tokenizer, pairs: list[PreferencePair], tokens: list[PairTokens], cfg: DPOConfig,
         ref_model=None, ref_logprobs: torch.Tensor | None = None,
     ):
         self.tokenizer, self.pairs, self.tokens, self.cfg = tokenizer, pairs, tokens, cfg
@@ -233,23 +236,6 @@ class DPOObjective:
         }
 
 
-def add_lora(model, cfg: DPOConfig):
-    """Wrap `model` in peft LoRA adapters (B = 0 at first: the wrapped model is the initial policy).
-
-    GPT-2's attention and MLP are transformers' Conv1D, whose weight is stored (in, out): peft needs
-    fan_in_fan_out=True for them. peft's default targets for GPT-2 are c_attn.
-    """
-    config = LoraConfig(
-        task_type="CAUSAL_LM",
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=cfg.lora_target_modules,
-        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
-    )
-    return get_peft_model(model, config)
-
-
 def disable_dropout(model) -> None:
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
@@ -257,7 +243,7 @@ def disable_dropout(model) -> None:
 
 
 def train(
-    policy, tokenizer, pairs: list[Pair], max_length: int, cfg: DPOConfig, seed: int,
+    policy, tokenizer, pairs: list[PreferencePair], max_length: int, cfg: DPOConfig, seed: int,
     log: MetricsLogger = no_logging, checkpoint_dir=None,
 ):
     """DPO-train `policy` on `pairs`; returns the trained policy (a plain causal LM: LoRA adapters
@@ -268,8 +254,7 @@ def train(
     disable_dropout(policy)  # before LoRA: lora_dropout stays as configured
     policy.to(device)
     if cfg.lora_r:
-        torch.manual_seed(seed)  # the adapters' initial weights
-        policy, ref_model = add_lora(policy, cfg), None
+        policy, ref_model = lora.add_lora(policy, cfg, seed), None
     else:
         # precomputed: the policy before training is the reference; on the fly: a frozen copy of it
         ref_model = policy if cfg.precompute_ref_logprobs else copy.deepcopy(policy).eval().requires_grad_(False)
@@ -283,8 +268,7 @@ def train(
         objective = DPOObjective(tokenizer, pairs, tokens, cfg, ref_model=ref_model)
     metrics = train_loop(policy, objective, cfg, seed, log, checkpoint_dir, description=f"dpo ({cfg.loss_type})")
     if cfg.lora_r:
-        # peft froze the base weights; the merged model is an ordinary causal LM again
-        policy = policy.merge_and_unload().requires_grad_(True)
+        policy = lora.merged(policy)
     return policy, metrics
 
 
@@ -296,9 +280,9 @@ def run(cfg: PipelineConfig, model_path: str, data_path: str, out: Path, log: Me
     model is saved. Sequences are truncated to base.max_length, or the model's context if shorter.
     """
     out = Path(out)
-    policy, tokenizer = lm.load_policy(model_path)
     rows = read_records(data_path, ("prompt", "chosen", "rejected"))
-    pairs = [Pair(row["prompt"], row["chosen"], row["rejected"]) for row in rows if not row.get("tie")]
+    pairs = [PreferencePair(row["prompt"], row["chosen"], row["rejected"]) for row in rows if not row.get("tie")]
+    policy, tokenizer = lm.load_policy(model_path)  # after the data: a bad file fails before a slow load
     policy, metrics = train(
         policy, tokenizer, pairs, min(cfg.base.max_length, lm.context_length(policy)), cfg.dpo, cfg.seed, log,
         out / "checkpoints",

@@ -17,6 +17,8 @@ config so that PPO can centre the rewards it optimises.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,19 +28,15 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from components.config import PipelineConfig, RewardConfig
+from components.sections import RewardConfig
+from components.data.records import PreferencePair
 from components.files import read_records
 from components.models import lm
 from components.models.lm import PAD, Rollout, forward, make_rollout
 from components.models.training import MetricsLogger, no_logging, save_on_main, train_loop
 
-
-@dataclass(frozen=True)
-class Pair:
-    prompt: str
-    chosen: str
-    rejected: str
-    margin: float = 0.0  # how much better chosen is; used by Bradley-Terry with `use_margin`
+if TYPE_CHECKING:
+    from components.config import PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -94,7 +92,7 @@ def plackett_luce_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tens
     return -(ordered - tail_logsumexp).sum()
 
 
-def rankings(pairs: list[Pair]) -> list[Ranking]:
+def rankings(pairs: list[PreferencePair]) -> list[Ranking]:
     """Each prompt's ranking of its completions, recovered from its pairs by Copeland score
     (Copeland 1951): wins minus losses over the prompt's pairs, higher ranked better.
 
@@ -122,16 +120,21 @@ def rankings(pairs: list[Pair]) -> list[Ranking]:
 def load(path, num_labels: int = 1):
     """A sequence-classification model from a local folder: a saved reward model, a causal LM
     (our SFT policy) or an encoder (MiniLM); the head is new unless the folder has one."""
-    return AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=num_labels, use_safetensors=True)
+    return AutoModelForSequenceClassification.from_pretrained(
+        lm.model_folder(path), num_labels=num_labels, use_safetensors=True
+    )
 
 
-def load_with_tokenizer(path) -> tuple:
+def load_with_tokenizer(path, max_length: int | None = None) -> tuple:
     """A reward model and its tokenizer from a folder (or hub id, online). A causal backbone gets
-    a pad token distinct from EOS and left padding, as `lm.load_policy` gives the policy."""
-    model, tokenizer = load(path), AutoTokenizer.from_pretrained(str(path))
+    a pad token distinct from EOS and left padding, as `lm.load_policy` gives the policy. Rows
+    are cut to `max_length` tokens (keeping their end) when it is below the backbone's context."""
+    model, tokenizer = load(path), AutoTokenizer.from_pretrained(lm.model_folder(path))
+    if max_length:
+        tokenizer.model_max_length = min(tokenizer.model_max_length, max_length)
     if not _is_encoder(tokenizer):
         tokenizer.padding_side = "left"
-        tokenizer.model_max_length = lm.context_length(model)
+        tokenizer.model_max_length = min(lm.context_length(model), max_length or lm.context_length(model))
         if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
             tokenizer.add_special_tokens({"pad_token": PAD})
             model.resize_token_embeddings(len(tokenizer))
@@ -203,7 +206,7 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batc
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def _pair_rewards(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, torch.Tensor]:
+def _pair_rewards(model, tokenizer, pairs: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected rewards from one forward pass over both halves of the batch."""
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
@@ -211,7 +214,7 @@ def _pair_rewards(model, tokenizer, pairs: list[Pair]) -> tuple[torch.Tensor, to
     return rewards[: len(pairs)], rewards[len(pairs) :]
 
 
-def accuracy(model, tokenizer, pairs: list[Pair], batch_size: int = 64) -> float:
+def accuracy(model, tokenizer, pairs: list[PreferencePair], batch_size: int = 64) -> float:
     """Share of pairs whose chosen response gets the higher reward."""
     if not pairs:
         return float("nan")
@@ -229,7 +232,7 @@ def accuracy(model, tokenizer, pairs: list[Pair], batch_size: int = 64) -> float
 class PairwiseObjective:
     """Bradley-Terry loss over preference pairs; reports the share of correctly ordered pairs."""
 
-    def __init__(self, tokenizer, pairs: list[Pair], use_margin: bool = False):
+    def __init__(self, tokenizer, pairs: list[PreferencePair], use_margin: bool = False):
         self.tokenizer, self.pairs, self.use_margin, self.n_examples = tokenizer, pairs, use_margin, len(pairs)
 
     def n_terms(self, indices: list[int]) -> int:
@@ -238,7 +241,7 @@ class PairwiseObjective:
     def loss(self, model, indices: list[int]):
         pairs = [self.pairs[i] for i in indices]
         chosen, rejected = _pair_rewards(model, self.tokenizer, pairs)
-        margin = torch.tensor([p.margin for p in pairs], device=chosen.device) if self.use_margin else None
+        margin = torch.tensor([p.margin or 0.0 for p in pairs], device=chosen.device) if self.use_margin else None
         loss = bradley_terry_loss(chosen, rejected, margin) * len(indices)
         return loss, {"accuracy": float((chosen > rejected).sum())}
 
@@ -275,7 +278,7 @@ PROMPT_LOSSES = {"ranking": ranking_loss, "plackett_luce": plackett_luce_loss}
 
 
 def train(
-    model, tokenizer, pairs: list[Pair], cfg: RewardConfig, seed: int, log: MetricsLogger = no_logging,
+    model, tokenizer, pairs: list[PreferencePair], cfg: RewardConfig, seed: int, log: MetricsLogger = no_logging,
     checkpoint_dir=None,
 ) -> dict:
     """Fit the reward model with `cfg.loss` (`cfg.use_margin` applies to bradley_terry, the pairwise
@@ -299,7 +302,7 @@ def run(cfg: PipelineConfig, model_path: str, data_path: str, out: Path, log: Me
     rejected, optionally margin; ties left out) with the `reward` section, a seeded
     `reward.eval_fraction` held out for accuracy; saved with its tokenizer to `out`."""
     rows = [row for row in read_records(data_path, ("prompt", "chosen", "rejected")) if not row.get("tie")]
-    pairs = [Pair(r["prompt"], r["chosen"], r["rejected"], float(r.get("margin") or 0.0)) for r in rows]
+    pairs = [PreferencePair(r["prompt"], r["chosen"], r["rejected"], r.get("margin")) for r in rows]
     random.Random(cfg.seed).shuffle(pairs)
     n_eval = max(1, int(len(pairs) * cfg.reward.eval_fraction))
     model, tokenizer = load_with_tokenizer(model_path)

@@ -11,6 +11,8 @@ padding; attention stays within each one, so the loss is the loss without packin
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import bisect
 import math
 from dataclasses import dataclass
@@ -20,17 +22,20 @@ import torch
 import torch.nn.functional as F
 
 from components.models import lm
-from components.world import gold
-from components.config import PipelineConfig, TrainerConfig
+from components.sections import TrainerConfig
 from components.files import read_records
 from components.models.lm import forward
 from components.models.training import MetricsLogger, no_logging, save_on_main, train_loop
+
+if TYPE_CHECKING:
+    from components.config import PipelineConfig
 
 
 @dataclass(frozen=True)
 class Demonstration:
     prompt: str
     response: str
+    quality: float | None = None  # a task's quality score, when it has one (curation filters on it)
 
 
 def masked_lm_loss(
@@ -202,8 +207,8 @@ def run(cfg: PipelineConfig, model_path: str, data_path: str, out: Path, log: Me
     `data_path` (fields prompt and response) with the `sft` section, saved to `out`. Checkpoints
     go to out/checkpoints, where a killed run resumes from."""
     out = Path(out)
-    model, tokenizer = lm.load_policy(model_path)
     demos = [Demonstration(row["prompt"], row["response"]) for row in read_records(data_path, ("prompt", "response"))]
+    model, tokenizer = lm.load_policy(model_path)  # after the data: a bad file fails before a slow load
     metrics = train(
         model, tokenizer, demos, min(cfg.base.max_length, lm.context_length(model)), cfg.sft, cfg.seed, log,
         out / "checkpoints", packing=cfg.sft.packing, chat_template=cfg.sft.chat_template,
@@ -228,7 +233,7 @@ def curate(candidates: list[Demonstration], n: int, min_words: int, max_words: i
             dropped["duplicate"] += 1
         elif not min_words <= len(words) <= max_words:
             dropped["length"] += 1
-        elif gold.score(demo.prompt, demo.response).quality < min_quality:
+        elif demo.quality is not None and demo.quality < min_quality:
             dropped["quality"] += 1
         else:
             kept.append(demo)

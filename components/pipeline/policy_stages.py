@@ -1,0 +1,89 @@
+"""The RL and evaluation stages: the SFT policy trained with `rl.algorithm` over online rounds,
+then compared with SFT on held-out prompts. See components/pipeline/stages.py for the others."""
+
+from __future__ import annotations
+
+import json
+
+from components import evaluation, rl, tasks
+from components.config import PipelineConfig
+from components.files import read_jsonl, write_json, write_jsonl
+from components.models import lm, lora
+from components.pipeline import tracking
+from components.pipeline.stages import (
+    Outcome, StageError, checkpoints, labeler, load_reward, path, preference_pairs, prompts_of,
+)
+from components.rl import online
+
+
+def _feedback(cfg: PipelineConfig, root: str) -> online.Feedback | None:
+    """Where online rounds get fresh labels: the configured labeler (never the file of data.source)."""
+    if cfg.rl.rounds == 1:
+        return None
+    chosen = labeler(cfg, root, cfg.label.labeler)
+    if not chosen.needs_samples:
+        raise StageError(f"rl.rounds={cfg.rl.rounds}: label.labeler '{cfg.label.labeler}' cannot label fresh samples")
+    return online.Feedback(chosen, cfg.rl.round_prompts, cfg.collect.k, cfg.sampling, cfg.reward)
+
+
+def reinforce(cfg: PipelineConfig, root: str, log) -> Outcome:
+    """RL fine-tuning of the SFT policy with `rl.algorithm`, for `rl.rounds` online rounds
+    (components/rl/online.py), LoRA adapters when `rl.lora_r` > 0.
+
+    `rl.probe_points` times a round a frontier point (KL to SFT, proxy and gold reward on held-out
+    prompts) goes to the trace that the KL-reward frontier plot draws.
+    """
+    folder = checkpoints(root, "rl")
+    method = rl.METHODS[cfg.rl.algorithm]
+    policy, tokenizer = lm.load_policy(path(root, "sft"))
+    sft_policy, _ = lm.load_policy(path(root, "sft"))
+    sft_policy.requires_grad_(False)
+    reference = sft_policy
+    if cfg.rl.lora_r:
+        policy, reference = lora.add_lora(policy, cfg.rl, cfg.seed), None
+    reward = load_reward(cfg, root, tokenizer)
+    gold = tasks.make(cfg).gold
+    probe_prompts = prompts_of(root, "eval")[: cfg.rl.probe_prompts]
+    trace_file = folder / "trace.jsonl"
+
+    def probe_for(round_: int, trained):
+        def probe(step: int, total: int) -> None:
+            if cfg.rl.probe_points and (step % max(1, total // cfg.rl.probe_points) == 0 or step == total):
+                point = evaluation.frontier_point(
+                    trained, sft_policy, reward, tokenizer, probe_prompts, cfg.sampling, cfg.seed, gold
+                )
+                with open(trace_file, "a") as handle:
+                    handle.write(json.dumps({"round": round_, "step": round_ * online.ROUND_STEPS + step, **point}) + "\n")
+
+        return probe
+
+    inputs = rl.RLInputs(
+        policy, reference, reward, tokenizer, prompts_of(root, "train"), preference_pairs(root),
+        getattr(cfg, method.section) if method.section else None, cfg.sampling, cfg.seed, log,
+        max_length=min(cfg.base.max_length, lm.context_length(policy)),
+    )
+    try:
+        policy, metrics = online.train_rounds(method, inputs, cfg.rl.rounds, _feedback(cfg, root), folder, probe_for)
+    except ValueError as error:
+        raise StageError(f"rl ({cfg.rl.algorithm}): {error}") from error
+    trace = {}  # a step measured again after a resume keeps its last value
+    for row in read_jsonl(trace_file) if trace_file.is_file() else []:
+        trace[row["step"]] = {"algorithm": cfg.rl.algorithm, **row}
+    write_jsonl(path(root, "trace"), [trace[step] for step in sorted(trace)])
+    policy = lora.merged(policy)
+    lm.save_policy(policy, tokenizer, path(root, "policy"))
+    model_uri = tracking.log_transformers_model(policy, tokenizer, "text-generation", f"{cfg.rl.algorithm} policy")
+    return Outcome(metrics, model_uri)
+
+
+def evaluate(cfg: PipelineConfig, root: str, log) -> Outcome:
+    policy, tokenizer = lm.load_policy(path(root, "policy"))
+    sft_policy, _ = lm.load_policy(path(root, "sft"))
+    reward = load_reward(cfg, root, tokenizer)
+    prompts = prompts_of(root, "eval")[: cfg.eval.n_prompts]
+    metrics, rows = evaluation.evaluate(
+        policy, sft_policy, reward, tokenizer, prompts, cfg.sampling, cfg.seed + 1, tasks.make(cfg).gold
+    )
+    write_jsonl(path(root, "completions"), rows)
+    write_json(path(root, "eval_metrics"), metrics)
+    return Outcome(metrics)

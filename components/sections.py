@@ -1,0 +1,330 @@
+"""The sections of the pipeline's typed configuration (components/config.py composes them).
+
+Each section is documented here, field by field; an RL method's own section lives in the method's
+module (components/rl/). Unknown keys and wrong types are errors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WorldConfig(Section):
+    """The embedded review world: a generated corpus of movie reviews and its prompts."""
+
+    n_reviews: int = Field(6000, ge=100, description="reviews in the corpus (train and held-out)")
+    eval_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of films held out for evaluation only")
+    low_quality_fraction: float = Field(0.3, ge=0, le=1, description="share of reviews with repetitions or rambling")
+    prompt_words: int = Field(3, ge=1, le=8, description="words of the review opening kept in a prompt")
+
+
+class TrainerConfig(Section):
+    """How a supervised trainer optimises (components/training.py): AdamW with linear warm-up and
+    cosine decay to 10% of `lr`, the same on a CPU, one GPU or several (`accelerate launch`)."""
+
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1, description="examples per optimizer step, over all processes and accumulation steps")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="micro-batches per optimizer step on each process")
+    lr: float = Field(5e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of the steps spent warming up")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this global norm")
+    mixed_precision: Literal["auto", "no", "bf16"] = Field(
+        "auto", description="auto: bf16 on a GPU that supports it, fp32 otherwise"
+    )
+    checkpoint_every: int = Field(
+        50, ge=0, description="optimizer steps between checkpoints a killed run resumes from; 0: none"
+    )
+    log_every: int = Field(1, ge=1, description="optimizer steps between logged training metrics")
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "TrainerConfig":
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise ValueError("batch_size must be a multiple of gradient_accumulation_steps")
+        return self
+
+
+class BaseModelConfig(TrainerConfig):
+    """The base language model: built and pretrained on the world corpus, or loaded."""
+
+    pretrained: str | None = Field(
+        None, description="a local model folder or hub id to start from instead of the embedded model"
+    )
+    vocab_size: int = Field(2048, ge=300, description="byte-level BPE vocabulary trained on the corpus")
+    n_layer: int = Field(4, ge=1)
+    n_head: int = Field(4, ge=1)
+    n_embd: int = Field(192, ge=16)
+    max_length: int = Field(128, ge=32, description="context length in tokens")
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(2e-3, gt=0)
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "BaseModelConfig":
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
+        return self
+
+    @field_validator("pretrained")
+    @classmethod
+    def _local_folder_exists(cls, pretrained: str | None) -> str | None:
+        if pretrained and (pretrained.startswith((".", "/", "~")) or Path(pretrained).exists()):
+            if not Path(pretrained).expanduser().is_dir():
+                raise ValueError(f"no model folder at {pretrained}")
+        return pretrained
+
+
+class SFTConfig(TrainerConfig):
+    """Supervised fine-tuning on curated demonstrations (LIMA-style: few, clean, deduplicated)."""
+
+    n_demonstrations: int = Field(1200, ge=10, description="demonstrations kept after curation")
+    min_words: int = Field(10, ge=1, description="shortest response kept")
+    max_words: int = Field(60, ge=1, description="longest response kept")
+    min_quality: float = Field(0.4, description="gold quality (topic + fluency - repetition) a demonstration needs")
+    packing: bool = Field(
+        False,
+        description="pack demonstrations into full rows of base.max_length (attention stays within each one); "
+        "batch_size then counts rows, not demonstrations",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="None: prompt and response as plain text; 'tokenizer': the tokenizer's chat template; "
+        "otherwise a Jinja chat template. The prompt is the user turn, the response the assistant turn",
+    )
+    epochs: int = Field(2, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-4, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "SFTConfig":
+        if self.min_words > self.max_words:
+            raise ValueError("min_words must not exceed max_words")
+        return self
+
+
+class SamplingConfig(Section):
+    """How completions are sampled from a policy (the rollout engine, components/rollout.py)."""
+
+    max_new_tokens: int = Field(40, ge=1, description="longer responses are cut there and get no EOS")
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(
+        1.0, gt=0, le=1,
+        description="nucleus sampling; below 1 the log-probs that PPO, P3O and the KL estimates use (the full "
+        "distribution at the temperature) no longer describe the sampler exactly",
+    )
+    batch_size: int = Field(64, ge=1, description="prompts generated together")
+
+
+class CollectConfig(Section):
+    """Sampling K completions per training prompt from the SFT policy, to be labelled."""
+
+    n_prompts: int = Field(1024, ge=1)
+    k: int = Field(4, ge=2, description="completions per prompt (InstructGPT uses 4 to 9)")
+
+
+class AnnotatorConfig(Section):
+    """Simulated annotators: Bradley-Terry noise on the gold score."""
+
+    n_annotators: int = Field(5, ge=1)
+    target_agreement: float = Field(
+        0.725, gt=0.5, lt=1, description="share of pairs where a label agrees with the gold ordering"
+    )
+
+
+class DataConfig(Section):
+    """Preference data: an external set to ingest (`rlhf data ingest`, or `source` in the pipeline)
+    and how every preference set is read, checked and turned into pairs (components/preferences.py,
+    components/validation.py)."""
+
+    source: str | None = Field(
+        None, description="a file or Hugging Face dataset id the pipeline ingests instead of simulated labels"
+    )
+    format: Literal["auto", "pairs", "ranked", "ratings", "hh"] = Field(
+        "auto", description="record type of the source rows; auto detects it from the fields of the first row"
+    )
+    fields: dict[str, str] = Field(
+        default_factory=dict, description="source field -> record field, e.g. {question: prompt, good: chosen}"
+    )
+    max_chars: int = Field(
+        20000, ge=1, description="longest text accepted in any field (HH-RLHF transcripts reach about 4,300)"
+    )
+    ties: Literal["drop", "keep"] = Field(
+        "drop", description="equal ratings and split votes: dropped, or kept as pairs with tie=true and margin 0"
+    )
+    mostly: float = Field(1.0, gt=0, le=1, description="share of rows each dataset-level expectation must hold for")
+    max_invalid_fraction: float = Field(
+        0.05, ge=0, le=1, description="share of quarantined rows above which an ingest fails"
+    )
+    max_pairs: int | None = Field(
+        None, ge=1, description="the label stage keeps at most this many pairs (a seeded sample, order kept)"
+    )
+    hf_split: str = Field("train", description="split of a Hugging Face dataset id")
+    hf_subset: str | None = Field(None, description="configuration name of a Hugging Face dataset id")
+    hf_data_dir: str | None = Field(None, description="folder within a Hugging Face dataset, e.g. harmless-base")
+
+
+class RewardConfig(TrainerConfig):
+    """The reward the RL stage optimises: a reward model trained on the preference set (the SFT
+    backbone or another one, with a scalar head), or a programmatic reward (components/rewards/)."""
+
+    function: str | None = Field(
+        None,
+        description="instead of a trained reward model: 'module:callable' scoring (prompt, response) -> float, or "
+        "a reference-based metric of the task's references: rouge_l, bleu, bertscore",
+    )
+    backbone: str | None = Field(
+        None,
+        description="model folder (or gguf:, or hub id online) the reward model starts from; None: the SFT policy. "
+        "An encoder (e.g. MiniLM) scores the decoded text",
+    )
+    max_length: int = Field(512, ge=16, description="tokens an encoder backbone sees; a longer row keeps its end")
+
+    epochs: int = Field(1, ge=1, description="one pass: fresh pairs help more than repeated ones")
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    eval_fraction: float = Field(0.1, gt=0, lt=0.5, description="pairs held out for accuracy")
+    loss: Literal["bradley_terry", "ranking", "plackett_luce"] = Field(
+        "bradley_terry",
+        description="bradley_terry: independent pairs; ranking: all pairs of a prompt's K completions in one batch "
+        "(InstructGPT); plackett_luce: the likelihood of each prompt's full ranking",
+    )
+    use_margin: bool = Field(False, description="subtract each pair's margin inside the Bradley-Terry loss (Llama 2)")
+
+
+class LoRASettings(Section):
+    """LoRA adapters (peft): only the adapters train, and the reference policy is the same
+    weights with the adapters switched off (one copy in memory)."""
+
+    lora_r: int = Field(0, ge=0, description="rank of LoRA adapters (peft); 0 trains every weight")
+    lora_alpha: float = Field(16.0, gt=0)
+    lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_target_modules: list[str] | None = Field(None, description="modules given adapters; None: peft's default")
+
+
+class DPOConfig(TrainerConfig, LoRASettings):
+    """Direct preference optimisation and its variants against a frozen reference policy."""
+
+    loss_type: Literal["sigmoid", "ipo", "cdpo"] = Field(
+        "sigmoid", description="sigmoid: DPO (Rafailov et al. 2023); ipo: Azar et al. 2023; cdpo: DPO with label smoothing"
+    )
+    beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint (tau of IPO)")
+    label_smoothing: float = Field(0.1, ge=0, lt=0.5, description="cdpo: assumed probability that a label is flipped")
+    precompute_ref_logprobs: bool = Field(
+        True, description="reference log-probs computed once before training and cached; False: on every step"
+    )
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(5e-5, gt=0)
+
+
+class RLConfig(LoRASettings):
+    """The RL fine-tuning stage: the method that turns the SFT policy into the policy, and the
+    online rounds of fresh feedback (Christiano et al. 2017) around it. With `lora_r` > 0 the
+    method trains LoRA adapters on the SFT policy (merged into the saved policy)."""
+
+    algorithm: str = Field(
+        "ppo", description="a registered RL method (components/rl/__init__.py); each reads its own section"
+    )
+    rounds: int = Field(
+        1, ge=1,
+        description="after each round but the last, current-policy samples are labelled afresh (label.labeler), "
+        "a trained reward model is updated on them and training continues",
+    )
+    round_prompts: int = Field(256, ge=1, description="prompts sampled (collect.k responses each) for fresh labels")
+    probe_points: int = Field(
+        6, ge=0,
+        description="frontier measurements (KL to SFT, gold and proxy reward) per round, evenly spaced over the "
+        "method's steps, plus one at the start; 0: none",
+    )
+    probe_prompts: int = Field(64, ge=1, description="held-out prompts each frontier measurement samples")
+
+    @field_validator("algorithm")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from components import rl  # the registry imports the methods, which import these sections
+
+        if name not in rl.METHODS:
+            raise ValueError(f"unknown RL method '{name}': one of {', '.join(rl.METHODS)}")
+        return name
+
+
+class TaskConfig(Section):
+    """Where prompts, demonstrations and the gold scorer come from (components/tasks/)."""
+
+    name: str = Field(
+        "world",
+        description="world: the embedded review world (its `world` section, with a gold scorer); dataset: the "
+        "files or Hugging Face ids below",
+    )
+    prompts: str | None = Field(
+        None,
+        description="dataset: prompts (field prompt: text, an HH transcript or chat messages; optional split "
+        "train/eval and reference); .jsonl, .json, .parquet, .csv (gzip too) or a hub id",
+    )
+    eval_prompts: str | None = Field(None, description="dataset: held-out prompts; None: eval_fraction of `prompts`")
+    demonstrations: str | None = Field(
+        None, description="dataset: SFT demonstrations (prompt and response, or HH/chat conversations)"
+    )
+    format: Literal["auto", "plain", "hh", "messages"] = Field(
+        "auto", description="how prompts and demonstrations are written; auto: per row, from their fields"
+    )
+    fields: dict[str, str] = Field(default_factory=dict, description="source field -> task field, e.g. {question: prompt}")
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="dataset: share of prompts held out when none are marked")
+    max_prompts: int | None = Field(None, ge=1, description="dataset: keep at most this many train and eval prompts each")
+    chat_template: bool = Field(
+        False,
+        description="render every prompt with the base model tokenizer's chat template (SFT, sampling, RL, "
+        "evaluation and ingested pairs alike); responses end with its end-of-turn token",
+    )
+    hf_split: str = Field("train", description="split of a Hugging Face dataset id")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from components import tasks
+
+        if name not in tasks.TASKS:
+            raise ValueError(f"unknown task '{name}': one of {', '.join(tasks.TASKS)}")
+        return name
+
+
+class LabelConfig(Section):
+    """Who labels the collected samples (components/labelers/); `data.source`, when set, replaces
+    the label stage's labeler by the file it names."""
+
+    labeler: str = Field("simulated", description="a registered labeler: simulated (needs a gold scorer), ...")
+
+    @field_validator("labeler")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from components import labelers
+
+        if name not in labelers.LABELERS:
+            raise ValueError(f"unknown labeler '{name}': one of {', '.join(labelers.LABELERS)}")
+        return name
+
+
+class EvalConfig(Section):
+    """Evaluation on held-out prompts that no stage trained on."""
+
+    n_prompts: int = Field(256, ge=1)
+
+
+class PromotionConfig(Section):
+    """MLflow registration and the gate for the `champion` alias."""
+
+    model_name: str = "rlhf-policy"
+    min_gold_win_rate: float = Field(
+        0.6, ge=0, le=1, description="win-rate against SFT a champion needs: the gold one, or the proxy one for a "
+        "task without a gold scorer",
+    )
+    max_kl: float = Field(50.0, gt=0, description="largest KL to the SFT policy a champion may have")
+
+
