@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from components.data import preferences
+from components.data import rows, sources
+from components.data.records import PreferencePair
 from components.trainers import reward_model
 from components.sections import DataConfig, RewardConfig
 
@@ -36,11 +37,11 @@ SEED = 0
 def hh_pairs(path: Path) -> list[PreferencePair]:
     """The valid rows of an HH-RLHF file as (prompt, chosen reply, rejected reply)."""
     pairs = []
-    for row in preferences.read_rows(path):
-        if isinstance(row, preferences.Row):
+    for row in sources.read_rows(path):
+        if isinstance(row, sources.Row):
             try:
-                pair = preferences.parse_row("hh", row.data, DataConfig().max_chars)
-            except preferences.RowError:
+                pair = rows.parse_row("hh", row.data, DataConfig().max_chars)
+            except sources.RowError:
                 continue
             pairs.append(PreferencePair(pair.prompt, pair.chosen, pair.rejected))
     return pairs

@@ -140,7 +140,7 @@ class AnnotatorConfig(Section):
 
 class DataConfig(Section):
     """Preference data: an external set to ingest (`rlhf data ingest`, or `source` in the pipeline)
-    and how every preference set is read, checked and turned into pairs (components/preferences.py,
+    and how every preference set is read, checked and turned into pairs (components/data/preferences.py,
     components/validation.py)."""
 
     source: str | None = Field(

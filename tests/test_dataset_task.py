@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from components.config import load_config
-from components.data.preferences import split_hh
+from components.data.rows import split_hh
 from components.files import read_jsonl
 from components.tasks import TaskFiles, chat, make
 from tests.conftest import REPO, SHARED_DATA

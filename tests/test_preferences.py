@@ -15,16 +15,9 @@ import pytest
 from components.sections import DataConfig
 from components.files import read_jsonl
 from components.data.records import PreferencePair
-from components.data.preferences import (
-    ASSISTANT,
-    DataError,
-    aggregate,
-    detect_format,
-    ingest,
-    parse_row,
-    read_rows,
-    validate_output,
-)
+from components.data.preferences import DataError, aggregate, ingest, validate_output
+from components.data.rows import ASSISTANT, detect_format, parse_row
+from components.data.sources import read_rows
 from flows.cli import main
 
 HH = Path(__file__).resolve().parents[2] / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from components.data import preferences
+from components.data import preferences, rows
 from components.models import lm
 from components.trainers import reward_model
 from components.sections import RewardConfig
@@ -76,7 +76,7 @@ def test_ranking_losses_gradcheck(loss):
 
 
 def test_rankings_recover_a_full_ranking():
-    ranked = preferences.Ranked("p", ("b", "c", "a", "d"), (1, 2, 0, 3))
+    ranked = rows.Ranked("p", ("b", "c", "a", "d"), (1, 2, 0, 3))
     pairs = [PreferencePair(p.prompt, p.chosen, p.rejected) for p in preferences.ranked_pairs(ranked)]
     (ranking,) = reward_model.rankings(pairs)
     assert dict(zip(ranking.completions, ranking.ranks)) == {"a": 0, "b": 1, "c": 2, "d": 3}
@@ -207,7 +207,7 @@ def _hh_pairs(n: int) -> list[PreferencePair]:
     pairs = []
     with gzip.open(HH_TEST, "rt") as handle:
         for line in handle:
-            pair = preferences.parse_row("hh", json.loads(line), 20000)
+            pair = rows.parse_row("hh", json.loads(line), 20000)
             pairs.append(PreferencePair(pair.prompt, pair.chosen, pair.rejected))
             if len(pairs) == n:
                 return pairs

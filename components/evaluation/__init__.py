@@ -14,12 +14,14 @@ higher score than SFT's answer to the same prompt; ties count one half.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from components.models import lm
-from components.trainers import reward_model
-from components.world import gold
 from components.sections import SamplingConfig
+
+GoldScorer = Callable[[str, str, bool], float]
 
 
 def win_rate(ours: list[float], theirs: list[float]) -> float:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable
 
-from components.data.preferences import ASSISTANT, ROLES
+from components.data.rows import ASSISTANT, ROLES
 
 Prompt = str | list[dict[str, str]]
 _TURN = re.compile(r"\n\n(Human|Assistant|System):")

@@ -1,7 +1,7 @@
 """The `dataset` task: prompts, references and demonstrations from local files or Hugging Face ids.
 
 Sources (`task.prompts`, required; `task.eval_prompts` and `task.demonstrations`, optional) are
-read by components/data/preferences.read_rows: .jsonl, .json, .parquet, .csv (gzip too) or a hub
+read by components/data/sources.read_rows: .jsonl, .json, .parquet, .csv (gzip too) or a hub
 id (split `task.hf_split`). `task.fields` renames source fields first (e.g. {question: prompt}).
 Each row is one of these shapes, `task.format` naming it or `auto` deciding per row from its fields:
 
@@ -39,10 +39,10 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from components.data.preferences import (
-    ASSISTANT, HUMAN, DataError, Quarantined, RowError, _check_text, _conversations, _messages, _required,
-    detect_format, read_rows, split_hh, split_messages,
+from components.data.rows import (
+    ASSISTANT, HUMAN, check_text, detect_format, parse_conversations, parse_messages, required, split_hh, split_messages,
 )
+from components.data.sources import DataError, Quarantined, RowError, read_rows
 from components.files import write_jsonl
 from components.sections import DataConfig
 from components.tasks import chat
@@ -75,24 +75,24 @@ def row_format(data: dict[str, Any]) -> str:
 
 def _optional_text(data: dict[str, Any], field: str, max_chars: int) -> str | None:
     value = data.get(field)
-    return None if value is None or value == "" else _check_text(field, value, max_chars)
+    return None if value is None or value == "" else check_text(field, value, max_chars)
 
 
 def _prompt(data: dict[str, Any], max_chars: int) -> chat.Prompt:
-    value = _required(data, "prompt")
+    value = required(data, "prompt")
     if isinstance(value, list):
-        return list(_messages("prompt", value, max_chars))
-    return _check_text("prompt", value, max_chars)
+        return list(parse_messages("prompt", value, max_chars))
+    return check_text("prompt", value, max_chars)
 
 
 def _preference(data: dict[str, Any], max_chars: int) -> tuple[chat.Prompt, str]:
     if detect_format(data) == "pairs":
         prompt = _prompt(data, max_chars)
-        chosen, rejected = (_check_text(field, data[field], max_chars) for field in ("chosen", "rejected"))
+        chosen, rejected = (check_text(field, data[field], max_chars) for field in ("chosen", "rejected"))
         if chosen == rejected:
             raise RowError("rejected", "identical to chosen")
         return prompt, chosen
-    chosen, rejected = _conversations(data, max_chars)
+    chosen, rejected = parse_conversations(data, max_chars)
     if isinstance(chosen, str):
         prompt, reply, _ = split_hh(chosen, rejected)
         return prompt, reply
@@ -101,14 +101,14 @@ def _preference(data: dict[str, Any], max_chars: int) -> tuple[chat.Prompt, str]
 
 
 def _conversation(data: dict[str, Any], max_chars: int) -> tuple[chat.Prompt, str | None]:
-    value = _required(data, "messages")
+    value = required(data, "messages")
     if isinstance(value, str) and value.startswith("["):  # a CSV cell holding a JSON message list
         try:
             value = json.loads(value)
         except ValueError:
             pass
     if isinstance(value, str):
-        text = _check_text("messages", value, max_chars)
+        text = check_text("messages", value, max_chars)
         end = text.rfind(ASSISTANT) + len(ASSISTANT)
         reply = text[end:] if end >= len(ASSISTANT) else ""
         if reply.strip() and HUMAN not in reply:
@@ -116,7 +116,7 @@ def _conversation(data: dict[str, Any], max_chars: int) -> tuple[chat.Prompt, st
         return text, None
     if not isinstance(value, list):
         raise RowError("messages", "wrong type: expected a message list or an HH transcript")
-    messages = list(_messages("messages", value, max_chars))
+    messages = list(parse_messages("messages", value, max_chars))
     if messages[-1]["role"] != "assistant":
         return messages, None
     if len(messages) < 2:
