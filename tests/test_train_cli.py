@@ -110,3 +110,19 @@ def test_train_reward_saves_a_scored_model_with_its_normalisation(tmp_path):
     assert model.config.reward_std > 0 and model.config.pad_token_id == tokenizer.pad_token_id
     scores = reward_model.score_texts(model, tokenizer, ["Heat: I watched"] * 2, [" a fine film.", " dull."])
     assert scores.shape == (2,) and torch.isfinite(scores).all()
+
+
+def test_train_checks_the_data_before_the_model_and_an_offline_hub_id_fails_at_once(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "response": "r"}\n{"prompt": "p"}\n')
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"  # not a folder here, and the hub is offline
+    first = subprocess.run([RLHF, "train", "sft", "--model", hub_id, "--data", str(bad), "--out", str(tmp_path / "o")],
+                           capture_output=True, text=True, env=environment(), cwd=tmp_path)
+    assert first.returncode == 1 and "data error" in first.stderr and "row 2" in first.stderr and "'response'" in first.stderr
+
+    bad.write_text('{"prompt": "p", "response": "r"}\n')
+    second = subprocess.run([RLHF, "train", "sft", "--model", hub_id, "--data", str(bad), "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True, env=environment(), cwd=tmp_path)
+    assert second.returncode == 1 and "model error" in second.stderr
+    # refused before any hub client call (which retried for 68 s before failing)
+    assert hub_id in second.stderr and "offline (HF_HUB_OFFLINE=1)" in second.stderr
