@@ -153,16 +153,28 @@ def collect(cfg: PipelineConfig, root: str, log) -> Outcome:
     return Outcome({"prompts": len(chosen), "samples": len(rows), "eos_rate": sum(e for _, _, e in rows) / len(rows)})
 
 
-def _rendered(cfg: PipelineConfig, pairs: list[PreferencePair]) -> list[PreferencePair]:
-    """Pairs from a file, in the policy's chat format when the task uses the chat template."""
+def _rendered(cfg: PipelineConfig, pairs: list[PreferencePair], quarantine: Path) -> list[PreferencePair]:
+    """Pairs from a file, in the policy's chat format when the task uses the chat template. The
+    template adds characters: a prompt it pushes past `data.max_chars` joins the quarantine file
+    with the reason, as ingest quarantines rows."""
     if not cfg.task.chat_template:
         return pairs
     render = chat.renderer(cfg)
     clean = lambda text: chat.clean_response(text, chat=True)  # noqa: E731
-    return [
-        PreferencePair(render(p.prompt), clean(p.chosen), clean(p.rejected), p.margin, p.tie, p.annotator, p.source, p.meta)
-        for p in pairs
-    ]
+    kept, too_long = [], []
+    for p in pairs:
+        prompt = render(p.prompt)
+        if len(prompt) > cfg.data.max_chars:
+            reason = f"{len(prompt):,} characters once rendered with the chat template, more than data.max_chars"
+            too_long.append({"file": str(quarantine.with_name("pairs.jsonl")), "row": None, "field": "prompt",
+                             "reason": reason, "raw": p.to_row()})
+        else:
+            kept.append(PreferencePair(prompt, clean(p.chosen), clean(p.rejected), p.margin, p.tie, p.annotator,
+                                       p.source, p.meta))
+    if too_long:
+        with open(quarantine, "a", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(entry, ensure_ascii=False, sort_keys=True) + "\n" for entry in too_long)
+    return kept
 
 
 def label(cfg: PipelineConfig, root: str, log) -> Outcome:
@@ -172,14 +184,15 @@ def label(cfg: PipelineConfig, root: str, log) -> Outcome:
         pairs, stats = chosen.label(samples, cfg.seed)
     except labelers.LabelingError as error:
         raise StageError(f"label: {error}") from error
-    if cfg.data.max_pairs and len(pairs) > cfg.data.max_pairs:
-        kept = set(random.Random(cfg.seed).sample(range(len(pairs)), cfg.data.max_pairs))
-        pairs = [pair for i, pair in enumerate(pairs) if i in kept]
     report = path(root, "preferences").parent / "report.json"
     if report.is_file() and not chosen.needs_samples:
         mlflow.log_artifact(str(report))
-    write_jsonl(path(root, "preferences"), [pair.to_row() for pair in _rendered(cfg, pairs)])
-    return Outcome(stats)
+    pairs = _rendered(cfg, pairs, path(root, "preferences").parent / "quarantine.jsonl")
+    if cfg.data.max_pairs and len(pairs) > cfg.data.max_pairs:
+        kept = set(random.Random(cfg.seed).sample(range(len(pairs)), cfg.data.max_pairs))
+        pairs = [pair for i, pair in enumerate(pairs) if i in kept]
+    write_jsonl(path(root, "preferences"), [pair.to_row() for pair in pairs])
+    return Outcome({**stats, "pairs_written": len(pairs)})
 
 
 def _pair_tokens(tokenizer, rows: list[dict]) -> list[int]:
