@@ -53,14 +53,12 @@ def clean_response(text: str, chat: bool) -> str:
 
 
 def load_tokenizer(pretrained: str):
-    """Only the tokenizer of a model folder, hub id or GGUF name (converted by gguf.resolve)."""
+    """Only the tokenizer of a model folder, `gguf:` or `package:` name, or hub id (online)."""
     from transformers import AutoTokenizer
 
-    try:
-        from components.models import gguf
-    except ImportError:
-        return AutoTokenizer.from_pretrained(pretrained)
-    return AutoTokenizer.from_pretrained(gguf.resolve(pretrained))
+    from components.models.lm import model_folder
+
+    return AutoTokenizer.from_pretrained(model_folder(pretrained))
 
 
 def renderer(cfg) -> Callable[[Prompt], str]:
