@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError, create_model
+from pydantic import Field, ValidationError, create_model
 
 from components import rl
 from components.sections import (
-    AnnotatorConfig, BaseModelConfig, CollectConfig, DataConfig, DPOConfig, EvalConfig, LabelConfig, PromotionConfig,
+    AnnotatorConfig, BaseModelConfig, CollectConfig, DataConfig, DPOConfig, EvalConfig, HumanConfig, LabelConfig,
+    JudgeConfig, OrchestrationConfig, PromotionConfig, RLAIFConfig,
     RewardConfig, RLConfig, SamplingConfig, Section, SFTConfig, TaskConfig, WorldConfig,
 )
 
@@ -27,8 +28,8 @@ class ConfigError(ValueError):
 
 
 class CoreConfig(Section):
-    seed: int = 0
-    experiment: str = "rlhf-pipeline"
+    seed: int = Field(0, description="seed of every sampler, shuffle and initialisation")
+    experiment: str = Field("rlhf-pipeline", description="MLflow experiment of the runs")
     task: TaskConfig = TaskConfig()
     world: WorldConfig = WorldConfig()
     base: BaseModelConfig = BaseModelConfig()
@@ -43,6 +44,10 @@ class CoreConfig(Section):
     rl: RLConfig = RLConfig()
     eval: EvalConfig = EvalConfig()
     promotion: PromotionConfig = PromotionConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+    human: HumanConfig = HumanConfig()
+    judge: JudgeConfig = JudgeConfig()
+    rlaif: RLAIFConfig = RLAIFConfig()
 
 
 # An RL method's section is a field of the configuration without this module naming the method.
@@ -75,7 +80,11 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"--set expects KEY=VALUE, got '{item}'")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"--set {item}: the value is not valid YAML ({' '.join(str(error).split())})") from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 
@@ -93,6 +102,40 @@ def _explain(error: ValidationError, source: str) -> str:
         reason = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
         lines.append(f"{source}: {key}: {reason}")
     return "\n".join(lines)
+
+
+def override(cfg: PipelineConfig, overrides: list[str]) -> PipelineConfig:
+    """`cfg` with `--set`-style overrides applied (a deployment's form and `rlhf run` alike). Raises ConfigError."""
+    if not overrides:
+        return cfg
+    try:
+        return PipelineConfig.model_validate(_merge(cfg.model_dump(), parse_overrides(overrides)))
+    except ValidationError as error:
+        raise ConfigError(_explain(error, "overrides")) from None
+
+
+def project_config(root: str | Path) -> PipelineConfig:
+    """ROOT/params.yaml when present, else the defaults: what a deployment's form starts from."""
+    path = Path(root) / "params.yaml"
+    return load_config(path if path.is_file() else None)
+
+
+def _type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
+def describe(model: type[Section] = None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, description) of every configuration key, sections walked in order."""
+    rows = []
+    for name, field in (model or PipelineConfig).model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, Section):
+            rows += describe(annotation, f"{prefix}{name}.")
+        else:
+            default = field.default_factory() if field.default_factory else field.default
+            section = " ".join((model.__doc__ or "").split("\n\n")[0].split()) if model else ""
+            rows.append((f"{prefix}{name}", _type_name(annotation), default, field.description or f"({section})"))
+    return rows
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None) -> PipelineConfig:

@@ -1,10 +1,13 @@
 """Files the library reads and writes: JSONL rows, JSON documents, and content hashes (md5, as DVC
-computes them) of files and folders."""
+computes them) of files and folders. Writes go to a temporary name renamed once complete: a
+crash, a kill or a full disk leaves the previous file, never half of a new one."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 from pathlib import Path
 
 
@@ -17,14 +20,19 @@ def md5_file(path: Path) -> str:
 
 
 def content_hash(path: str | Path) -> str:
-    """md5 of a file (the same value DVC records for it) or of a folder's sorted listing of md5s."""
+    """The md5 DVC records for a file or a folder (for a folder, its `.dir` hash: the md5 of the
+    JSON listing of each file's md5 and relative path, sorted by path), so a hash in MLflow finds
+    the same version in dvc.lock and the DVC cache."""
     path = Path(path)
     if path.is_file():
         return md5_file(path)
     if not path.is_dir():
         raise FileNotFoundError(f"no file or folder at {path}")
-    listing = [(str(p.relative_to(path)), md5_file(p)) for p in sorted(path.rglob("*")) if p.is_file()]
-    return hashlib.md5(json.dumps(listing).encode()).hexdigest() + ".dir"
+    listing = sorted(
+        ({"md5": md5_file(p), "relpath": p.relative_to(path).as_posix()} for p in path.rglob("*") if p.is_file()),
+        key=lambda entry: entry["relpath"],
+    )
+    return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -32,34 +40,30 @@ def read_jsonl(path: str | Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def read_records(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
-    """JSONL rows that must each hold `fields` as strings; the first bad row stops the read with
-    an error naming the file, the row (1-based) and the field."""
-    rows = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}: row {number}: not valid JSON ({error.msg})") from None
-            for field in fields:
-                if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                    raise ValueError(f"{path}: row {number}: field '{field}' missing or not a string")
-            rows.append(row)
-    return rows
+@contextlib.contextmanager
+def atomic_path(path: str | Path):
+    """A temporary path beside `path` to write to; renamed to `path` only when the block ends
+    without an error, removed otherwise."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def write_jsonl(path: str | Path, rows) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
+    with atomic_path(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
 
 
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
 def write_json(path: str | Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

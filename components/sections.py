@@ -6,20 +6,52 @@ module (components/rl/). Unknown keys and wrong types are errors.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+def Registered(module: str, registry: str, kind: str):
+    """A name that must be a key of `module.registry`, looked up when validated (the registries
+    import the modules that import these sections, so not at import time)."""
+
+    def registered(name: str) -> str:
+        names = getattr(importlib.import_module(module), registry)
+        if name not in names:
+            raise ValueError(f"unknown {kind} '{name}': one of {', '.join(names)}")
+        return name
+
+    return Annotated[str, AfterValidator(registered)]
+
+
+# Integers are counts, sizes and seeds: past this bound a value is a mistake (seed=1e38 crashed torch).
+MAX_INT = 2**31 - 1
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Every section: unknown keys are errors, floats must be finite, a number is never a boolean
+    (`steps=true`) and an integer stays within MAX_INT."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _real_numbers(cls, value, info):
+        annotation = cls.model_fields[info.field_name].annotation
+        kinds = set(get_args(annotation)) or {annotation}
+        if kinds & {int, float} and isinstance(value, bool):
+            raise ValueError(f"expected a number, got the boolean {value}")
+        if int in kinds and isinstance(value, (int, float)) and abs(value) > MAX_INT:
+            raise ValueError(f"{value:g} is beyond the largest accepted integer, {MAX_INT}")
+        return value
 
 
 class WorldConfig(Section):
     """The embedded review world: a generated corpus of movie reviews and its prompts."""
 
-    n_reviews: int = Field(6000, ge=100, description="reviews in the corpus (train and held-out)")
+    n_reviews: int = Field(6000, ge=100, le=1_000_000, description="reviews in the corpus (train and held-out)")
     eval_fraction: float = Field(0.1, gt=0, lt=0.5, description="share of films held out for evaluation only")
     low_quality_fraction: float = Field(0.3, ge=0, le=1, description="share of reviews with repetitions or rambling")
     prompt_words: int = Field(3, ge=1, le=8, description="words of the review opening kept in a prompt")
@@ -147,7 +179,7 @@ class DataConfig(Section):
         None, description="a file or Hugging Face dataset id the pipeline ingests instead of simulated labels"
     )
     format: Literal["auto", "pairs", "ranked", "ratings", "hh"] = Field(
-        "auto", description="record type of the source rows; auto detects it from the fields of the first row"
+        "auto", description="record type of the source rows; auto detects it from each row's fields"
     )
     fields: dict[str, str] = Field(
         default_factory=dict, description="source field -> record field, e.g. {question: prompt, good: chosen}"
@@ -229,7 +261,7 @@ class RLConfig(LoRASettings):
     online rounds of fresh feedback (Christiano et al. 2017) around it. With `lora_r` > 0 the
     method trains LoRA adapters on the SFT policy (merged into the saved policy)."""
 
-    algorithm: str = Field(
+    algorithm: Registered("components.rl", "METHODS", "RL method") = Field(
         "ppo", description="a registered RL method (components/rl/__init__.py); each reads its own section"
     )
     rounds: int = Field(
@@ -245,20 +277,12 @@ class RLConfig(LoRASettings):
     )
     probe_prompts: int = Field(64, ge=1, description="held-out prompts each frontier measurement samples")
 
-    @field_validator("algorithm")
-    @classmethod
-    def _registered(cls, name: str) -> str:
-        from components import rl  # the registry imports the methods, which import these sections
-
-        if name not in rl.METHODS:
-            raise ValueError(f"unknown RL method '{name}': one of {', '.join(rl.METHODS)}")
-        return name
 
 
 class TaskConfig(Section):
     """Where prompts, demonstrations and the gold scorer come from (components/tasks/)."""
 
-    name: str = Field(
+    name: Registered("components.tasks", "TASKS", "task") = Field(
         "world",
         description="world: the embedded review world (its `world` section, with a gold scorer); dataset: the "
         "files or Hugging Face ids below",
@@ -285,30 +309,12 @@ class TaskConfig(Section):
     )
     hf_split: str = Field("train", description="split of a Hugging Face dataset id")
 
-    @field_validator("name")
-    @classmethod
-    def _registered(cls, name: str) -> str:
-        from components import tasks
-
-        if name not in tasks.TASKS:
-            raise ValueError(f"unknown task '{name}': one of {', '.join(tasks.TASKS)}")
-        return name
-
 
 class LabelConfig(Section):
     """Who labels the collected samples (components/labelers/); `data.source`, when set, replaces
     the label stage's labeler by the file it names."""
 
-    labeler: str = Field("simulated", description="a registered labeler: simulated (needs a gold scorer), ...")
-
-    @field_validator("labeler")
-    @classmethod
-    def _registered(cls, name: str) -> str:
-        from components import labelers
-
-        if name not in labelers.LABELERS:
-            raise ValueError(f"unknown labeler '{name}': one of {', '.join(labelers.LABELERS)}")
-        return name
+    labeler: Registered("components.labelers", "LABELERS", "labeler") = Field("simulated", description="a registered labeler: simulated (needs a gold scorer), ...")
 
 
 class EvalConfig(Section):
@@ -320,11 +326,106 @@ class EvalConfig(Section):
 class PromotionConfig(Section):
     """MLflow registration and the gate for the `champion` alias."""
 
-    model_name: str = "rlhf-policy"
+    model_name: str = Field(
+        "rlhf-policy", pattern=r"^[^/:]*[^/:\s][^/:]*$", description="registered model name (MLflow: no '/' or ':')"
+    )
     min_gold_win_rate: float = Field(
         0.6, ge=0, le=1, description="win-rate against SFT a champion needs: the gold one, or the proxy one for a "
         "task without a gold scorer",
     )
     max_kl: float = Field(50.0, gt=0, description="largest KL to the SFT policy a champion may have")
+    head_to_head_margin: float = Field(
+        0.5, ge=0, lt=1,
+        description="win-rate the challenger needs against the current champion on the same held-out prompts (gold "
+        "scorer, else the reward model; ties count one half) to take the champion alias; its 95% interval is recorded",
+    )
 
 
+class OrchestrationConfig(Section):
+    """Running the pipeline from Prefect deployments (prefect.yaml, `make up`)."""
+
+    schedule: str = Field("0 2 * * *", description="cron schedule of the rlhf-pipeline/scheduled deployment (UTC)")
+    gpu_pool: str | None = Field(
+        "rlhf-gpu",
+        description="a deployed pipeline run (not `rlhf run`) runs pretrain, sft, reward and rl as subflow runs of "
+        "deployment rlhf-stage/<gpu_pool>, on that work pool; None: in-process",
+    )
+    retries: int = Field(2, ge=0, description="retries of a stage that failed on a transient error (a lost worker, I/O)")
+
+
+class HumanConfig(Section):
+    """Human labeling in the Prefect UI (deployment rlhf-label/human, labeler `human`)."""
+
+    mode: Literal["ranking", "ratings", "pairwise"] = Field(
+        "ranking",
+        description="ranking: order the K completions (InstructGPT); ratings: 1-5 each; pairwise: the better of the "
+        "first two",
+    )
+    policy: Literal["sft", "champion", "policy"] = Field(
+        "sft", description="who answers: the SFT policy, the registry's champion, or the current RL policy"
+    )
+    session_size: int = Field(8, ge=1, description="prompts a labeling session asks about")
+    timeout_s: int = Field(
+        3600, ge=1, description="seconds a paused item waits for an answer; on timeout the session keeps its labels"
+    )
+    folder: str = Field("data/human", description="sessions are written to FOLDER/SESSION/ under the project root")
+
+
+
+
+class JudgeConfig(Section):
+    """An LLM judge behind any OpenAI-compatible endpoint (components/judges/): GPT-4 online, or a
+    local model served by `rlhf serve`. Evaluation adds judge win-rates when `base_url` is set; the
+    `ai` labeler (RLAIF) asks the same judge. The API key is read from the environment variable
+    `api_key_env` (or the Prefect Secret block `api_key_secret`) and is never logged or written."""
+
+    base_url: str | None = Field(None, description="e.g. http://127.0.0.1:8000/v1; None: no judge")
+    model: str = Field("gpt-4", description="model name sent to the endpoint")
+    template: str = Field(
+        "alpaca_eval",
+        description="a built-in template (alpaca_eval, mt_bench: pairwise; mt_bench_single: pointwise 1-10 grades) or a "
+        "file with the placeholders {instruction}, {output_a}, {output_b} (pairwise) or {output} (pointwise)",
+    )
+    api_key_env: str = Field("OPENAI_API_KEY", description="environment variable holding the API key")
+    api_key_secret: str | None = Field(
+        None, description="name of a Prefect Secret block holding the key, loaded when the variable is unset"
+    )
+    concurrency: int = Field(4, ge=1, description="requests in flight at once")
+    timeout: float = Field(60.0, gt=0, description="seconds one request may take before it is retried")
+    max_retries: int = Field(
+        6, ge=0, description="retries of a request after 429, 5xx, timeouts and connection errors (exponential "
+        "backoff with jitter, honouring Retry-After)",
+    )
+    max_malformed: int = Field(
+        2, ge=0, description="times a malformed or unparsable answer is asked again before it is recorded as unparsable"
+    )
+    max_tokens: int | None = Field(None, ge=1, description="answer length; None: the template's own")
+    temperature: float = Field(0.0, ge=0, le=2)
+    logprobs: bool = Field(True, description="ask for top_logprobs and read the verdict from them when returned")
+    budget_tokens: int | None = Field(
+        None, ge=1, description="prompt + completion tokens the judge may spend in one evaluation or labeling; then "
+        "it stops with an error (answers so far are cached, so a rerun with a larger budget resumes). Checked before "
+        "each request: the requests already in flight may pass it",
+    )
+    cache_dir: str | None = Field(
+        None, description="content-addressed cache of judgments; None: $RLHF_CACHE_DIR/judgments "
+        "(default ~/.cache/rlhf-pipeline/judgments)",
+    )
+    bootstrap_resamples: int = Field(10000, ge=100, description="resamples of the win-rate's bootstrap interval")
+
+
+class RLAIFConfig(Section):
+    """The `ai` labeler (RLAIF, Bai et al. 2022; Lee et al. 2023): the judge compares two samples under a
+    principle drawn from a constitution, in both orders."""
+
+    constitution: str | None = Field(
+        None, description="a YAML list (or `principles:` list) or a Markdown list of principles; None: the packaged "
+        "components/labelers/constitution.yaml (helpful, honest, harmless)",
+    )
+    template: str = Field(
+        "constitution", description="the judge template: built-in 'constitution' or a file with {instruction}, "
+        "{output_a}, {output_b} and {principle}",
+    )
+    max_pairs_per_prompt: int | None = Field(
+        None, ge=1, description="pairs judged per prompt, of the K(K-1)/2; None: all of them"
+    )

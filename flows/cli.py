@@ -6,23 +6,33 @@
     rlhf data ingest SOURCE --out DIR [--format F] [--set data.KEY=VALUE ...]   external preference data
     rlhf data validate DIR [--set data.KEY=VALUE ...]                    the pairs suite on DIR/pairs.jsonl
     rlhf train {sft,reward,dpo} --model M --data FILE --out DIR [--set sft.KEY=VALUE ...]   one trainer alone
+    rlhf config [--config ...] [--set ...]                               every key: type, default, description
+    rlhf promote VERSION [--force --reason TEXT] | rlhf promote --rollback   the registry's champion alias
+    rlhf models                                                          registered versions, aliases, gate
+    rlhf serve MODEL [--port N] [--api-key KEY]                          an OpenAI-compatible server (flows/judging.py)
+    rlhf judge --outputs A.json --baseline B.json --out DIR [--set judge.KEY=VALUE ...]   LLM-judge win-rate
 
 `rlhf train` fine-tunes the model folder (or hub id) M on a JSONL file: demonstrations with
 `prompt` and `response` for sft, preference pairs with `prompt`, `chosen` and `rejected` for reward
 and dpo (what `rlhf data ingest` writes). It checkpoints into DIR/checkpoints and, run again after a
-crash or kill, resumes from there. On several GPUs or CPU processes start it with
-`accelerate launch --multi_gpu --num_processes N -m flows.cli train ...`.
+crash or kill, resumes from there. DIR may not be the project root, one of the pipeline's own
+folders or an existing folder it did not write, unless `--force`. On several GPUs or CPU processes
+start it with `accelerate launch --multi_gpu --num_processes N -m flows.cli train ...`.
 
 The configuration is validated before anything runs; a bad key, type or file stops the command
 with one message naming it (exit code 2). `rlhf data` needs no Prefect: `ingest` writes
 DIR/pairs.jsonl, DIR/quarantine.jsonl, DIR/report.json and DIR/data_docs/ (see
 components/preferences.py) and fails (exit code 1) only when the share of quarantined rows exceeds
-data.max_invalid_fraction, or when the source cannot be read at all.
+data.max_invalid_fraction (then DIR keeps its previous outputs, this ingest's are in DIR/rejected/),
+or when the source cannot be read at all. Bad data exits 1 with a message naming file, row and
+field; a busy project folder (`run`, `compare`, `stage`: one at a time), an output folder that
+cannot or must not be written and a bad configuration exit 2 with one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -31,9 +41,13 @@ from typing import get_args
 from components.config import ConfigError, PipelineConfig, load_config
 from components import rl
 from components.sections import DataConfig
-from components.pipeline.layout import STAGE_BY_NAME
+from components.pipeline.layout import PATHS, STAGE_BY_NAME
+from flows import judging
 
 MESSAGES_SHOWN = 20
+TRAIN_MARKER = ".rlhf-train"  # in an --out folder that `rlhf train` writes
+PROJECT_FOLDERS = ("checkpoints", "mlflow", ".dvc", ".git", ".prefect", "dvc-remote")  # besides layout.PATHS
+OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM}
 
 
 def _common_options(command: argparse.ArgumentParser) -> None:
@@ -70,8 +84,84 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--model", required=True, help="model folder or hub id to start from")
     train.add_argument("--data", required=True, help="JSONL: prompt/response (sft) or prompt/chosen/rejected pairs")
     train.add_argument("--out", required=True, metavar="DIR", help="folder for the trained model and its checkpoints")
+    train.add_argument("--force", action="store_true",
+                       help="write into --out even when it is an existing folder of something else or the pipeline's own")
     _common_options(train)
+    _common_options(commands.add_parser("config", help="print every configuration key: type, default, description"))
+    promote = commands.add_parser("promote", help="make a registered policy version champion, or roll back")
+    promote.add_argument("version", nargs="?", help="registry version of the policy")
+    promote.add_argument("--force", action="store_true", help="without the gate (needs --reason)")
+    promote.add_argument("--reason", help="why a promotion is forced, recorded as a tag of the version")
+    promote.add_argument("--rollback", action="store_true", help="champion back to previous-champion")
+    _common_options(promote)
+    _common_options(commands.add_parser("models", help="registered policy versions with aliases, gate and metrics"))
+    judging.add_commands(commands, _common_options)
     return parser
+
+
+def _show_config(cfg: PipelineConfig) -> int:
+    from functools import reduce
+
+    from components.config import describe
+
+    for key, kind, default, description in describe():
+        value = reduce(getattr, key.split("."), cfg)
+        current = "" if value == default else f"  (here: {value!r})"
+        print(f"{key}  [{kind}]  default {default!r}{current}\n    {description}")
+    return 0
+
+
+def _short(value) -> str:
+    """A metric tag to 3 decimals; other values as they are."""
+    try:
+        return f"{float(value):.3f}" if "." in str(value) else str(value)
+    except ValueError:
+        return str(value)
+
+
+def _registry(args, cfg: PipelineConfig) -> int:
+    """`rlhf promote` and `rlhf models` on the project's MLflow registry."""
+    from components.pipeline import promotion, tracking
+
+    tracking.configure(args.root, cfg.experiment)
+    name = cfg.promotion.model_name
+    try:
+        if args.command == "models":
+            rows = [{key: _short(value) for key, value in row.items()} for row in promotion.versions(name)]
+            columns = ["version", "aliases", "gate", "gold_win_rate_vs_sft", "proxy_win_rate_vs_sft", "kl_to_sft", "head_to_head"]
+            widths = {c: max([len(c), *(len(row[c]) for row in rows)]) for c in columns}
+            for row in [dict(zip(columns, columns)), *rows]:
+                print("  ".join(f"{row[c]:<{widths[c]}}" for c in columns))
+            return 0
+        if args.rollback:
+            outcome = promotion.rollback(name)
+            print(f"{name}: champion is v{outcome['champion']} again (v{outcome['demoted']} demoted)")
+            return 0
+        if not args.version:
+            raise promotion.PromotionError("give a VERSION to promote, or --rollback")
+        outcome = promotion.promote_version(cfg, args.root, args.version, args.force, args.reason)
+    except promotion.PromotionError as error:
+        print(f"promotion error: {error}", file=sys.stderr)
+        return 2
+    verdict = "champion" if outcome["champion"] else "not promoted: " + "; ".join(outcome["reasons"])
+    print(f"{name} v{outcome['version']}: {verdict}")
+    return 0 if outcome["champion"] else 1
+
+
+def _out_refusal(out: Path, root: Path) -> str | None:
+    """Why `rlhf train` must not write into `out`, if it must not: the project root (or above it),
+    the pipeline's own folders, or an existing folder that no `rlhf train` wrote."""
+    out, root = out.resolve(), root.resolve()
+    if out == root or out in root.parents:
+        return f"is the project root {root} or a folder above it"
+    own = [root / folder for folder in PROJECT_FOLDERS]
+    own += [(root / output).parent if Path(output).suffix else root / output for output in PATHS.values()]
+    for folder in own:
+        if out == folder or folder in out.parents or out in folder.parents:
+            return f"is, holds or is inside the pipeline's own folder {folder.relative_to(root)}"
+    if out.is_dir() and any(out.iterdir()) and not (out / TRAIN_MARKER).is_file():
+        return "an existing folder that `rlhf train` did not write"
+    return None
 
 
 def _train(args, cfg: PipelineConfig) -> int:
@@ -81,14 +171,25 @@ def _train(args, cfg: PipelineConfig) -> int:
     import mlflow
     from accelerate import PartialState
 
+    from components.data.sources import DataError
     from components.pipeline import tracking
-    from components.models.training import no_logging
+    from components.models.training import NonFiniteError, no_logging
 
     import torch
 
     if not Path(args.data).is_file():
         print(f"data error: --data {args.data}: no such file", file=sys.stderr)
         return 1
+    refusal = None if args.force else _out_refusal(Path(args.out), Path(args.root))
+    if refusal:
+        print(f"output error: --out {args.out}: {refusal} (--force to write there anyway)", file=sys.stderr)
+        return 2
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / TRAIN_MARKER).touch()
+    except OSError as error:
+        print(f"output error: --out {args.out}: {error.strerror}", file=sys.stderr)
+        return 2
     torch.manual_seed(cfg.seed)
     trainer = importlib.import_module({"sft": "components.trainers.sft", "reward": "components.trainers.reward_model",
                                        "dpo": "components.trainers.dpo"}[args.kind])
@@ -100,13 +201,20 @@ def _train(args, cfg: PipelineConfig) -> int:
         tracking.configure(args.root, cfg.experiment)
         with mlflow.start_run(run_name=f"train-{args.kind}", tags={tracking.STAGE_TAG: f"train-{args.kind}"}):
             mlflow.log_params(tracking.flatten({args.kind: section.model_dump(), "model": args.model, "data": args.data}))
-            metrics = trainer.run(cfg, args.model, args.data, Path(args.out), tracking.metric_logger("train"))
+            log = tracking.metric_logger("train", Path(args.out) / "checkpoints" / tracking.METRICS_JOURNAL)
+            metrics = trainer.run(cfg, args.model, args.data, Path(args.out), log)
             mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
-    except ValueError as error:
+    except NonFiniteError as error:
+        print(f"training error: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, DataError) as error:
         print(f"data error: {error}", file=sys.stderr)
         return 1
-    except OSError as error:  # the data was read: the model folder or hub id failed to load
-        print(f"model error: {error}", file=sys.stderr)
+    except OSError as error:
+        if error.errno in OUTPUT_ERRNOS:  # a full disk or a folder we may not write
+            print(f"output error: {error}", file=sys.stderr)
+            return 2
+        print(f"model error: {error}", file=sys.stderr)  # the data was read: the model failed to load
         return 1
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}")
@@ -123,7 +231,7 @@ def _config(args) -> PipelineConfig:
 
 
 def _data(args, cfg: PipelineConfig) -> int:
-    from components.data.preferences import DataError, ingest, validate_output
+    from components.data.preferences import REJECTED, DataError, ingest, validate_output
 
     try:
         if args.action == "validate":
@@ -135,18 +243,23 @@ def _data(args, cfg: PipelineConfig) -> int:
     except DataError as error:
         print(f"data error: {error}", file=sys.stderr)
         return 1
+    except OSError as error:
+        print(f"output error: {error}", file=sys.stderr)
+        return 2
     for entry in result.quarantine[:MESSAGES_SHOWN]:
         print(f"quarantined: {entry.message()}", file=sys.stderr)
     if len(result.quarantine) > MESSAGES_SHOWN:
         print(f"quarantined: ... and {len(result.quarantine) - MESSAGES_SHOWN} more", file=sys.stderr)
     report = result.report
-    print(f"{report['source']} ({report['format']}): {report['rows']} rows, {report['valid_rows']} valid, "
-          f"{report['quarantined_rows']} quarantined ({report['invalid_fraction']:.1%}); {report['pairs']} pairs "
-          f"-> {Path(args.out) / 'pairs.jsonl'}; quarantine.jsonl, report.json and data_docs/ beside it")
+    counts = (f"{report['source']} ({report['format']}): {report['rows']} rows, {report['valid_rows']} valid, "
+              f"{report['quarantined_rows']} quarantined ({report['invalid_fraction']:.1%}); {report['pairs']} pairs")
     if not result.ok:
+        print(f"{counts}; nothing in {args.out} replaced: quarantine.jsonl, report.json and data_docs/ are in "
+              f"{Path(args.out) / REJECTED}")
         print(f"data error: {report['invalid_fraction']:.1%} of the rows are invalid, more than "
               f"data.max_invalid_fraction={cfg.data.max_invalid_fraction:g}", file=sys.stderr)
         return 1
+    print(f"{counts} -> {Path(args.out) / 'pairs.jsonl'}; quarantine.jsonl, report.json and data_docs/ beside it")
     from components.pipeline.tracking import log_ingest
     from components.pipeline.versioning import track
 
@@ -195,10 +308,26 @@ def main(argv: list[str] | None = None) -> int:
         return _data(args, cfg)
     if args.command == "train":
         return _train(args, cfg)
+    if args.command == "config":
+        return _show_config(cfg)
+    if args.command in ("promote", "models"):
+        return _registry(args, cfg)
     root = Path(args.root).resolve()
+    _prefect_environment(root)  # a Prefect Secret block may hold the judge's key
+    if args.command in ("serve", "judge"):
+        return judging.run(args, cfg)
+    judging.export_judge_key(cfg)
+    from components.pipeline import lock, tracking
     from components.pipeline.stages import StageError
 
+    try:  # one run per project folder; what a killed one left RUNNING is marked failed
+        held = lock.acquire(root, f"rlhf {args.command}")
+    except (lock.ProjectBusy, OSError) as error:
+        print(f"project busy: {error}" if isinstance(error, lock.ProjectBusy) else f"error: {error}", file=sys.stderr)
+        return 2
     try:
+        tracking.configure(root, cfg.experiment)
+        tracking.fail_stale_runs(root, cfg.experiment)
         if args.command == "stage":
             from components.pipeline.stages import run_stage
 
@@ -206,18 +335,26 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in result.metrics.items():
                 print(f"{key}: {value:.4f}")
             return 0
-        _prefect_environment(root)
-        if args.command == "compare":
-            return _compare(args, cfg, root)
-        from flows.pipeline import format_table, rlhf_pipeline
+        from flows.server import crash_stale_runs, local_api
 
-        outcome = rlhf_pipeline(config=cfg, root=str(root))
+        with local_api():
+            crash_stale_runs(root)
+            if args.command == "compare":
+                return _compare(args, cfg, root)
+            from flows.pipeline import format_table, rlhf_pipeline
+
+            outcome = rlhf_pipeline(config=cfg, root=str(root))
         print(f"\nRLHF pipeline summary ({cfg.rl.algorithm} policy vs SFT on held-out prompts)")
         print(format_table(outcome["summary"]))
         return 0
     except StageError as error:
         print(f"stage failed: {error}", file=sys.stderr)
         return 1
+    except OSError as error:  # an unwritable or full project folder
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        held.release()
 
 
 if __name__ == "__main__":

@@ -9,16 +9,23 @@ DVC record every dataset and model in `dvc.lock` and push them to the default re
 
 from __future__ import annotations
 
+import os
+from datetime import datetime, timezone
 from pathlib import Path
 
 import mlflow
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect import flow, get_run_logger, runtime
+from prefect.settings import PREFECT_UI_URL
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
 from components.pipeline import tracking, versioning
-from components.config import PipelineConfig
-from components.pipeline.layout import STAGES, StageResult, dvc_yaml
+from components.config import PipelineConfig, override, project_config
+from components.pipeline.layout import STAGES, StageResult
+from flows.gpu import GPU_STAGES, run_on_pool
+from flows.judging import export_judge_key
 from tasks.stages import promote_task, run
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def summary_rows(metrics: dict[str, float], promotion: dict | None) -> list[dict]:
@@ -34,36 +41,65 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(f"{r['metric']:<{width}}  {r['value']}" for r in rows)
 
 
+def where_to_watch(tracking_uri: str, experiment: str, run_id: str) -> str:
+    """Log line with the flow run's page in the Prefect UI and the parent run's in MLflow's."""
+    ui = PREFECT_UI_URL.value()
+    prefect_url = f"{ui}/runs/flow-run/{runtime.flow_run.id}" if ui else "(ephemeral API: no UI; `make up` starts one)"
+    mlflow_ui = os.environ.get("RLHF_MLFLOW_URL")
+    experiment_id = mlflow.get_experiment_by_name(experiment).experiment_id
+    mlflow_url = (
+        f"{mlflow_ui}/#/experiments/{experiment_id}/runs/{run_id}" if mlflow_ui
+        else f"run {run_id} in {tracking_uri} (mlflow ui --backend-store-uri {tracking_uri})"
+    )
+    return f"Prefect: {prefect_url} | MLflow: {mlflow_url}"
+
+
 @flow(name="rlhf-pipeline", log_prints=True)
-def rlhf_pipeline(config: PipelineConfig = PipelineConfig(), root: str = ".", promote: bool = True) -> dict:
-    """Run every stage under `root` (a DVC repository), then register and maybe promote the policy
-    (`promote=False`: evaluation only, as when methods are compared)."""
+def rlhf_pipeline(
+    config: PipelineConfig = project_config(REPO), root: str = ".", promote: bool = True,
+    overrides: list[str] | None = None,
+) -> dict:
+    """Run every stage under `root` (a DVC repository), then register the policy as challenger and
+    maybe crown it champion (`promote=False`: evaluation only, as when methods are compared).
+    `overrides` take `--set` syntax (e.g. rl.algorithm=dpo) over `config`, whose form defaults are
+    the project's params.yaml. A deployed run sends the heavy stages to `orchestration.gpu_pool`."""
     logger = get_run_logger()
+    config = override(config, overrides or [])
+    export_judge_key(config)  # the judge's key from a Prefect Secret block, for this process's stages
     root = str(Path(root).resolve())
-    tracking.configure(root, config.experiment)
-    pipeline = tracking.PipelineRun(config.experiment, config.model_dump())
+    uri = tracking.configure(root, config.experiment)
+    name = f"{config.rl.algorithm}-{datetime.now(timezone.utc):%Y-%m-%d-%H%M%S}"
+    pipeline = tracking.PipelineRun(config.experiment, config.model_dump(), root, name)
+    logger.info(where_to_watch(uri, config.experiment, pipeline.run_id))
+    remote = bool(config.orchestration.gpu_pool and runtime.deployment.id)
+    progress = create_progress_artifact(0.0, key="rlhf-progress", description="pipeline stages done (%)")
     results: dict[str, StageResult] = {}
     try:
-        for stage in STAGES:
+        for done, stage in enumerate(STAGES, start=1):
             upstream = [results[s.name] for s in STAGES if set(s.outs + s.metrics) & set(stage.deps)]
-            results[stage.name] = run(stage.name, config, root, upstream, pipeline.run_id)
+            runner = run_on_pool if remote and stage.name in GPU_STAGES else run
+            results[stage.name] = runner(stage.name, config, root, upstream, pipeline.run_id)
             pipeline.set_tags({f"rlhf.stage_run.{stage.name}": results[stage.name].run_id})
+            update_progress_artifact(progress, 100.0 * done / len(STAGES))
         metrics = results["evaluate"].metrics
         pipeline.log_metrics(metrics)
-        pipeline.set_tags({f"data.{a.name}.md5": a.md5 for r in results.values() for a in r.outputs.values()})
+        lineage = {f"data.{a.name}.md5": a.md5 for r in results.values() for a in r.outputs.values()}
+        pipeline.set_tags(lineage)
         promotion = None
         if promote:
             promotion = promote_task(
-                results["rl"].model_uri, results["rl"].outputs["policy"].md5, metrics, config.promotion,
+                results["rl"].model_uri, results["rl"].outputs["policy"].md5, metrics, config, root, lineage,
                 registry_uri=mlflow.get_registry_uri(),
             )
             pipeline.set_tags({"rlhf.registered_version": promotion["version"], "rlhf.champion": promotion["champion"]})
         rows = summary_rows(metrics, promotion)
         create_table_artifact(key="rlhf-summary", table=rows, description=f"Evaluation of the {config.rl.algorithm} policy against SFT")
         logger.info("summary\n%s", format_table(rows))
-        versioning.record(root, dvc_yaml(config))
+        versioning.record(root, config)
     except BaseException:
         pipeline.end("FAILED")
         raise
     pipeline.end("FINISHED")
+    if not pipeline.parented([result.run_id for result in results.values()]):
+        pipeline.discard()  # a fully cached re-run: no empty parent run
     return {"metrics": metrics, "promotion": promotion, "parent_run_id": pipeline.run_id, "summary": rows}

@@ -3,7 +3,7 @@
 A stage's cache key hashes its name, the configuration slice it reads, the content hashes of
 the datasets and models it consumes (files named in the configuration too), and the library's code version: a re-run skips a stage
 exactly when none of these changed. A cached result whose outputs were deleted or modified on
-disk is recomputed (`run`).
+disk is recomputed (`run`). Results are stored as plain JSON and never unpickled (tasks/results.py).
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from prefect.utilities.hashing import hash_objects
 
 from components.pipeline import promotion
 from components.config import PipelineConfig
-from components.sections import PromotionConfig
 from components.pipeline.layout import STAGE_BY_NAME, StageResult, code_version
 from components.pipeline.stages import StageError, config_inputs, params_of, run_stage
+from tasks import results
 
 
 @dataclass
@@ -47,7 +47,7 @@ class StageInputs(CachePolicy):
         )
 
 
-@task(cache_policy=StageInputs(), persist_result=True)
+@task(cache_policy=results.Verified(policy=StageInputs()), persist_result=True, result_serializer=results.PlainJSON())
 def stage_task(
     name: str, cfg: PipelineConfig, root: str, upstream: list[StageResult], parent_run_id: str | None = None
 ) -> StageResult:
@@ -63,18 +63,35 @@ def stage_task(
     return result
 
 
+def transient(task, task_run, state) -> bool:
+    """Retry a failed stage unless it failed its own checks (StageError: the data or settings are
+    wrong, and would be again); a lost worker, a full disk or a flaky file system are retried."""
+    try:
+        state.result()
+    except StageError:
+        return False
+    except BaseException:
+        return True
+    return True
+
+
 def run(name: str, cfg: PipelineConfig, root: str, upstream: list[StageResult], parent_run_id: str | None) -> StageResult:
     """Run a stage through Prefect, reusing a cached result only while its outputs are intact."""
-    staged = stage_task.with_options(name=name, task_run_name=name)
+    staged = stage_task.with_options(
+        name=name, task_run_name=name, retries=cfg.orchestration.retries, retry_delay_seconds=5,
+        retry_condition_fn=transient,
+    )
     result = staged(name, cfg, root, upstream, parent_run_id)
     if not result.intact():
         result = staged.with_options(refresh_cache=True)(name, cfg, root, upstream, parent_run_id)
     return result
 
 
-@task(cache_policy=INPUTS - "model_uri", persist_result=True)
+@task(cache_policy=results.Verified(policy=INPUTS - "model_uri"), persist_result=True, result_serializer=results.PlainJSON())
 def promote_task(
-    model_uri: str, policy_md5: str, metrics: dict[str, float], cfg: PromotionConfig, registry_uri: str
+    model_uri: str, policy_md5: str, metrics: dict[str, float], cfg: PipelineConfig, root: str, lineage: dict[str, str],
+    registry_uri: str,
 ) -> dict:
-    """Register the policy once per policy version and registry; gate `champion` on evaluation."""
-    return promotion.promote(model_uri, metrics, cfg)
+    """Register the policy once per policy version and registry as `challenger`; crown it past the
+    gate (components/pipeline/promotion.py)."""
+    return promotion.promote(model_uri, metrics, cfg, root, lineage)

@@ -123,3 +123,30 @@ def test_label_same_seed_same_labels():
         "meta": {"agrees_with_gold": first[0].meta["agrees_with_gold"]},
     }
     assert PreferencePair.from_row(row) == first[0]
+
+
+def test_empty_completions_become_a_marker_and_every_labelled_pair_passes_validation(tiny_policy, tiny_tokenizer, tiny_prompts):
+    """A policy that ends at once (EOS first) answers with the EOS token's text, a legitimately bad
+    answer: pairs against it are valid at data.mostly = 1.0, never an empty `rejected`."""
+    import torch
+
+    from components.data.validation import validate_preferences
+    from components.labelers.annotators import SimulatedAnnotators
+    from components.models import lm
+    from components.sections import SamplingConfig
+    from components.world.gold import gold_reward
+
+    mute = tiny_policy()
+    with torch.no_grad():  # a constant final hidden state that scores only EOS
+        mute.transformer.ln_f.weight.zero_()
+        mute.transformer.ln_f.bias.fill_(1.0)
+        mute.lm_head.weight.zero_()
+        mute.lm_head.weight[tiny_tokenizer.eos_token_id] = 1.0
+    sampling = SamplingConfig(max_new_tokens=8, batch_size=16)
+    prompts = [p for p in tiny_prompts[:6] for _ in range(2)]
+    empty = lm.samples_to_label(mute, tiny_tokenizer, prompts, sampling, seed=0)
+    assert {(s.completion, s.ended_with_eos) for s in empty} == {(tiny_tokenizer.eos_token, True)}
+    chatty = lm.samples_to_label(tiny_policy(), tiny_tokenizer, prompts, sampling, seed=0)
+    pairs, _ = SimulatedAnnotators(gold_reward, 3, 0.725).label(empty + chatty, seed=0)
+    assert pairs and all(p.chosen and p.rejected and p.chosen != p.rejected for p in pairs)
+    assert validate_preferences([p.to_row() for p in pairs], mostly=1.0).success

@@ -80,11 +80,26 @@ def test_dataset_hashes_on_runs_equal_dvc_lock_and_dvc_is_clean(pipeline_run):
     (reward_run,) = _runs(root, **{"rlhf.stage": "reward"})
     assert label_run.data.tags["data.samples.md5"] == locked[PATHS["samples"]]
     assert reward_run.data.tags["data.preferences.md5"] == locked[PATHS["preferences"]]
+    # folders too: MLflow records DVC's own .dir md5, so a model is traced to its DVC version
+    assert reward_run.data.tags["data.sft.md5"] == locked[PATHS["sft"]] and locked[PATHS["sft"]].endswith(".dir")
+    assert reward_run.data.tags["output.reward.md5"] == locked[PATHS["reward"]]
     for key in ("corpus", "prompts", "demonstrations", "samples", "preferences", "completions"):
         assert PATHS[key] in locked
     with Repo(str(root)) as repo:
         assert repo.status() == {}
     assert (root.parent / "dvc-remote").is_dir()  # pushed to the default local remote
+
+
+def test_dvc_lock_records_the_configuration_that_ran_not_params_yaml(pipeline_run):
+    """The flow ran with the tiny configuration as its parameter; params.yaml on disk holds the defaults."""
+    root, cfg, _ = pipeline_run
+    assert yaml.safe_load((root / "params.yaml").read_text())["world"]["n_reviews"] == 6000
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]
+    recorded = lock["task"]["params"]["params.run.yaml"]
+    assert recorded["world"]["n_reviews"] == cfg.world.n_reviews == 400
+    assert recorded["base"] == cfg.base.model_dump()
+    assert lock["rl"]["params"]["params.run.yaml"]["ppo"]["steps"] == cfg.ppo.steps
+    assert yaml.safe_load((root / "dvc.yaml").read_text())["stages"]["rl"]["cmd"] == "rlhf stage rl --config params.run.yaml"
 
 
 def test_policy_is_registered_and_champion_loads_and_generates(pipeline_run):
@@ -104,9 +119,11 @@ def test_rerun_skips_every_unchanged_stage(pipeline_run):
 
     root, cfg, first = pipeline_run
     stage_runs_before = len(_runs(root)) - len(_runs(root, **{"rlhf.stage": "pipeline"}))
+    parents_before = len(_runs(root, **{"rlhf.stage": "pipeline"}))
     second = rlhf_pipeline(config=cfg, root=str(root))
     stage_runs_after = len(_runs(root)) - len(_runs(root, **{"rlhf.stage": "pipeline"}))
     assert stage_runs_after == stage_runs_before  # no stage ran again
+    assert len(_runs(root, **{"rlhf.stage": "pipeline"})) == parents_before  # and no empty parent run
     assert second["metrics"] == first["metrics"]
     assert second["promotion"]["version"] == first["promotion"]["version"]  # not registered twice
 

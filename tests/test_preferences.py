@@ -15,7 +15,7 @@ import pytest
 from components.sections import DataConfig
 from components.files import read_jsonl
 from components.data.records import PreferencePair
-from components.data.preferences import DataError, aggregate, ingest, validate_output
+from components.data.preferences import REJECTED, DataError, aggregate, ingest, validate_output
 from components.data.rows import ASSISTANT, detect_format, parse_row
 from components.data.sources import read_rows
 from flows.cli import main
@@ -151,16 +151,17 @@ def test_malformed_rows_are_quarantined_once_each_and_good_rows_kept(tmp_path):
             assert str(source) in message and reason in message
             assert entry.row is None or f"row {entry.row}" in message
             assert field is None or f"field '{field}'" in message
-        written = read_jsonl(out / "quarantine.jsonl")
+        folder = out if result.ok else out / REJECTED  # a failed ingest files its outputs apart
+        written = read_jsonl(folder / "quarantine.jsonl")
         assert [(row["row"], row["field"]) for row in written] == [(row, f) for row, (f, _) in expected.items()]
-        assert len(read_jsonl(out / "pairs.jsonl")) == len(result.pairs) == n_pairs, source.name
+        assert len(read_jsonl(folder / "pairs.jsonl")) == len(result.pairs) == n_pairs, source.name
         assert result.report["quarantined_rows"] == len(expected)
         assert result.report["valid_rows"] + len(expected) == result.report["rows"]
 
 
 def test_quarantine_keeps_the_raw_row_and_the_text_of_unparseable_lines(tmp_path):
     source, fmt, _, _ = malformed_cases(tmp_path)[0]
-    result = ingest(source, tmp_path / "out", DataConfig(format=fmt))
+    result = ingest(source, tmp_path / "out", DataConfig(format=fmt, max_invalid_fraction=1.0))
     text = (tmp_path / "out" / "quarantine.jsonl").read_bytes().decode("utf-8")  # strict: still valid UTF-8
     assert '"chosen": " caf\u00e9 \\udcff"' in text  # the invalid byte 0xff as a JSON escape
     raw = {row["row"]: row["raw"] for row in read_jsonl(tmp_path / "out" / "quarantine.jsonl")}
@@ -349,8 +350,9 @@ def test_cli_exit_code_follows_the_invalid_share(tmp_path, capsys):
     assert "10 rows, 9 valid, 1 quarantined (10.0%); 9 pairs" in captured.out
     assert main(["data", "ingest", str(source), "--out", str(out), *root, "--set", "data.max_invalid_fraction=0.05"]) == 1
     assert "more than data.max_invalid_fraction=0.05" in capsys.readouterr().err
-    report = json.loads((out / "report.json").read_text())
+    report = json.loads((out / REJECTED / "report.json").read_text())
     assert report["ok"] is False and report["invalid_fraction"] == 0.1
+    assert json.loads((out / "report.json").read_text())["ok"] is True  # the previous ingest's outputs stay
     assert main(["data", "validate", str(out), *root]) == 0
     assert main(["data", "validate", str(out), *root, "--set", "data.max_chars=10"]) == 1
     assert "longer than 10 characters" in capsys.readouterr().out

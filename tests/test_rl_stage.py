@@ -56,6 +56,17 @@ def environment() -> dict:
     return {**env, "OMP_NUM_THREADS": "1"}
 
 
+def rl_runs(root: Path) -> list:
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("rlhf-pipeline")
+    return client.search_runs([experiment.experiment_id], "tags.`rlhf.stage` = 'rl'", order_by=["attributes.start_time"])
+
+
+def history(root: Path, run, key: str) -> list[tuple[int, float]]:
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    return sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, key))
+
+
 def policy_weights(root: Path) -> dict[str, torch.Tensor]:
     return load_file(root / PATHS["policy"] / "model.safetensors")
 
@@ -87,12 +98,14 @@ def test_killed_ppo_resumes_mid_round_without_redoing_the_finished_round(upstrea
         torch.testing.assert_close(final[name], weight, rtol=0, atol=1e-6)
     assert not (killed / "checkpoints" / "rl").exists()  # removed once the stage finished
 
-    # the resumed run trained only what was left: round 1 from its third iteration
-    client = MlflowClient(tracking_uri=f"sqlite:///{killed / 'mlflow' / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("rlhf-pipeline")
-    runs = client.search_runs([experiment.experiment_id], "tags.`rlhf.stage` = 'rl'", order_by=["attributes.start_time"])
-    last = runs[-1]
-    assert [m.step for m in client.get_metric_history(last.info.run_id, "train/kl")] == [10_002, 10_003]
+    # the resumed run trained only what was left, yet its record holds every step, with the values of
+    # the uninterrupted run; the killed run is marked FAILED when the next one starts
+    (stale, last), (whole,) = rl_runs(killed), rl_runs(reference)
+    assert stale.info.status == "FAILED" and last.info.status == "FINISHED"
+    assert [step for step, _ in history(killed, last, "train/kl")] == [0, 1, 2, 3, 10_000, 10_001, 10_002, 10_003]
+    for key in whole.data.metrics:
+        assert history(killed, last, key) == history(reference, whole, key), key
+    assert last.data.metrics == whole.data.metrics
     assert last.data.metrics["round1_pairs"] > 0  # fresh labels between the rounds
 
     trace = read_jsonl(killed / PATHS["trace"])

@@ -77,7 +77,7 @@ def test_train_sft_names_a_bad_row_then_trains_on_the_fixed_file(tmp_path):
 
     bad = subprocess.run(args, capture_output=True, text=True, env=environment())
     assert bad.returncode == 1
-    assert f"{tmp_path / 'demos.jsonl'}: row 6: field 'response' missing or not a string" in bad.stderr
+    assert f"{tmp_path / 'demos.jsonl'}, row 6, field 'response': missing field" in bad.stderr
 
     write_jsonl(tmp_path / "demos.jsonl", rows)
     good = subprocess.run(args, capture_output=True, text=True, env=environment())

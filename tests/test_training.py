@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from components.models.training import micro_batches, step_batches
+from components.models.training import NonFiniteError, check_finite, micro_batches, step_batches, train_loop
+from components.sections import TrainerConfig
 
 SCRIPT = Path(__file__).with_name("train_script.py")
 BIN = Path(sys.executable).parent
@@ -68,6 +69,41 @@ def test_killed_run_resumes_from_its_checkpoint_to_the_same_weights(reference, t
     assert final.keys() == uninterrupted.keys()
     for name, weight in uninterrupted.items():
         torch.testing.assert_close(final[name], weight, rtol=0, atol=1e-6)
+    # the epoch means average every step of the epoch, those before the kill too (running sums checkpointed)
+    metrics, expected = json.loads((tmp_path / "metrics.json").read_text()), json.loads((reference / "metrics.json").read_text())
+    assert metrics.keys() == expected.keys() and metrics == pytest.approx(expected, rel=1e-6)
+
+
+class Diverging:
+    """An objective whose loss turns NaN at its second optimizer step."""
+
+    n_examples = 8
+
+    def __init__(self):
+        self.calls = 0
+
+    def n_terms(self, indices: list[int]) -> int:
+        return len(indices)
+
+    def loss(self, model, indices: list[int]):
+        self.calls += 1
+        loss = model(torch.ones(len(indices), 2)).sum()
+        return (loss * float("nan") if self.calls > 1 else loss), {}
+
+
+def test_a_non_finite_loss_stops_training_with_a_clear_error(tmp_path):
+    cfg = TrainerConfig(epochs=2, batch_size=4, mixed_precision="no", checkpoint_every=1)
+    with pytest.raises(NonFiniteError, match="step 2: .*'loss': nan.*no model saved"):
+        train_loop(torch.nn.Linear(2, 1), Diverging(), cfg, seed=0, checkpoint_dir=tmp_path)
+    assert [p.name for p in tmp_path.glob("step-*")] == ["step-00000001"]  # the broken step is not checkpointed
+
+
+def test_a_non_finite_weight_is_named():
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.bias.fill_(float("inf"))
+    with pytest.raises(NonFiniteError, match="weight bias is not finite; no model saved"):
+        check_finite(model, "reward")
 
 
 def test_step_batches_are_a_seeded_permutation_without_a_partial_last_batch():

@@ -4,7 +4,8 @@
     accelerate launch --multi_gpu --num_processes 2 tests/train_script.py OUT
 
 Demonstrations of different lengths, so that the loss is a mean over tokens that the processes
-and micro-batches split unevenly. Writes OUT/curve.json (loss per step) and OUT/model.safetensors.
+and micro-batches split unevenly. Writes OUT/curve.json (loss per step), OUT/metrics.json (what
+train_loop returns: the last epoch's means) and OUT/model.safetensors.
 `--kill-at` sends SIGKILL to the process itself at that step, before its checkpoint is written.
 """
 
@@ -54,7 +55,8 @@ def log(metrics: dict, step: int) -> None:
     curve[step] = metrics["loss"]
 
 
-train_loop(model, objective, cfg, seed=0, log=log, checkpoint_dir=out / "checkpoints")
+metrics = train_loop(model, objective, cfg, seed=0, log=log, checkpoint_dir=out / "checkpoints")
 if int(os.environ.get("RANK", "0")) == 0:
     (out / "curve.json").write_text(json.dumps(curve))
+    (out / "metrics.json").write_text(json.dumps(metrics))
     save_model(model, str(out / "model.safetensors"))

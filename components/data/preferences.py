@@ -40,6 +40,10 @@ reason listing the header's columns (no separate file-level entry). Then the GX 
 `validation.validate_labels` flags duplicates (a later copy of the same annotator's identical
 label) and contradictions (one annotator, or none named, labelling the same item both ways: all
 those rows), which are quarantined too. An empty or unreadable file is one entry with row null.
+With `format: auto` each row's fields decide its record type; a row that fits none is quarantined.
+A file is refused whole (DataError) when it is UTF-16/32 text, or its header (CSV, Parquet) repeats
+a column or has two columns that `fields` maps to one name; a JSON object repeating a key, or
+renamed onto a key it already has, is a bad row. A UTF-8 byte-order mark is skipped.
 
 Row numbers: the 1-based line number in JSONL and CSV files (the CSV header is line 1; a record
 spanning lines has the number of its first line), the 1-based position in a JSON array, a
@@ -50,6 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass, replace
@@ -208,6 +213,9 @@ def _dataset_problems(
     return problems
 
 
+REJECTED = "rejected"  # OUT/rejected/: the quarantine, report and Data Docs of a failed ingest
+
+
 @dataclass(frozen=True)
 class IngestResult:
     pairs: list[PreferencePair]
@@ -232,33 +240,42 @@ def ingest(source: str | Path, out: str | Path, cfg: DataConfig = DataConfig()) 
     """Read `source` (a local file or a Hugging Face dataset id), check, convert and aggregate it.
 
     Writes OUT/pairs.jsonl (valid pairs, sorted keys, deterministic order), OUT/quarantine.jsonl
-    (every bad row once), OUT/report.json and Data Docs under OUT/data_docs/. Raises DataError
-    when the source cannot be read at all or `format: auto` fits none of its rows' fields.
+    (every bad row once), OUT/report.json and Data Docs under OUT/data_docs/, all at once when
+    complete: an ingest that fails (more invalid rows than `max_invalid_fraction`) or is
+    interrupted leaves the previous outputs intact, a failed one its own in OUT/rejected/. Raises
+    DataError when the source cannot be read at all or `format: auto` fits none of its rows.
     """
     name, out = str(source), Path(out)
     items = read_rows(name, cfg)
     rows = [item for item in items if isinstance(item, Row)]
     quarantine = [item for item in items if isinstance(item, Quarantined)]
-    fmt = cfg.format
-    if fmt == "auto" and rows:
-        fmt = detect_format(rows[0].data) or ""
-        if not fmt:
-            raise DataError(
-                f"{name}: cannot detect the format from the fields {', '.join(map(repr, rows[0].data))}; "
-                f"pass --format or rename fields with --set data.fields=..."
-            )
+    # `auto` decides row by row: a file mixing pairs and ratings keeps both
+    formats = [cfg.format if cfg.format != "auto" else detect_format(row.data) for row in rows]
+    if rows and not any(formats):
+        raise DataError(
+            f"{name}: cannot detect the format from the fields {', '.join(map(repr, rows[0].data))}; "
+            f"pass --format or rename fields with --set data.fields=..."
+        )
     default_source = Path(name).name if Path(name).is_file() else name
     parsed: list[Row] = []
     records: list[PreferencePair | Ranked | Rated] = []
-    for row in rows:
+    found: set[str] = set()
+    for row, row_format in zip(rows, formats):
         try:
-            records.append(parse_row(fmt, row.data, cfg.max_chars, default_source))
+            if row_format is None:
+                raise RowError(None, f"its fields ({', '.join(map(repr, row.data))}) fit no record type: pairs, "
+                                     "ranked, ratings or hh (pass --format, or rename fields with data.fields)")
+            records.append(parse_row(row_format, row.data, cfg.max_chars, default_source))
             parsed.append(row)
+            found.add(row_format)
         except RowError as error:
             quarantine.append(row.quarantined(error.field, error.reason))
+    fmt = ",".join(sorted(found)) or cfg.format
 
-    docs = out / "data_docs"
-    shutil.rmtree(docs, ignore_errors=True)  # the Data Docs of this ingest only
+    staging = out / f".ingest-{os.getpid()}"  # every output is written here, then moved into place
+    for stale in out.glob(".ingest-*"):
+        shutil.rmtree(stale)
+    docs = staging / "data_docs"
     judgements = [_judgement(record) for record in records]
     labels_report = validate_labels(
         pd.DataFrame([j[:2] for j in judgements], columns=list(LABEL_COLUMNS)), cfg.mostly, f"{name} (labels)", docs
@@ -267,9 +284,8 @@ def ingest(source: str | Path, out: str | Path, cfg: DataConfig = DataConfig()) 
     quarantine += problems.values()
     labels = to_labels([record for i, record in enumerate(records) if i not in problems])
     pairs, agreement = aggregate(labels, cfg.ties)
-    pairs_path = out / "pairs.jsonl"
     pairs_frame = pd.DataFrame([asdict(p) for p in pairs], columns=list(PAIR_FIELDS))
-    pairs_report = validate_preferences(pairs_frame, cfg.mostly, cfg.max_chars, str(pairs_path), docs)
+    pairs_report = validate_preferences(pairs_frame, cfg.mostly, cfg.max_chars, str(out / "pairs.jsonl"), docs)
     build_data_docs(docs)
 
     quarantine.sort(key=lambda entry: entry.row or 0)
@@ -289,10 +305,27 @@ def ingest(source: str | Path, out: str | Path, cfg: DataConfig = DataConfig()) 
         "data_docs": "data_docs/index.html",
         "config": cfg.model_dump(),
     }
-    write_jsonl(pairs_path, [asdict(p) for p in pairs])
-    _write_quarantine(out / "quarantine.jsonl", quarantine)
-    write_json(out / "report.json", report)
+    write_jsonl(staging / "pairs.jsonl", [asdict(p) for p in pairs])
+    _write_quarantine(staging / "quarantine.jsonl", quarantine)
+    write_json(staging / "report.json", report)
+    _publish(staging, out, report["ok"])
     return IngestResult(pairs, quarantine, report)
+
+
+def _publish(staging: Path, out: Path, ok: bool) -> None:
+    """A complete ingest replaces OUT's outputs; a failed one leaves them as they were and keeps
+    its quarantine, report and Data Docs in OUT/rejected/ instead."""
+    rejected = out / REJECTED
+    shutil.rmtree(rejected, ignore_errors=True)
+    if not ok:
+        os.replace(staging, rejected)
+        return
+    old_docs = staging / "previous_data_docs"
+    if (out / "data_docs").is_dir():
+        os.replace(out / "data_docs", old_docs)
+    for item in ("data_docs", "pairs.jsonl", "quarantine.jsonl", "report.json"):
+        os.replace(staging / item, out / item)
+    shutil.rmtree(staging)
 
 
 def report_metrics(report: dict[str, Any]) -> dict[str, float]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import math
 import reprlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from components.data.records import PreferencePair
-from components.data.sources import RowError, type_name
+from components.data.sources import Quarantined, RowError, read_rows, type_name
 
 HUMAN = "\n\nHuman:"
 ASSISTANT = "\n\nAssistant:"
@@ -248,4 +248,31 @@ def parse_row(fmt: str, data: dict[str, Any], max_chars: int, source: str | None
     raise ValueError(f"unknown format {fmt!r}")
 
 
-# ------------------------------------------------------------------------------ conversions
+# --------------------------------------------------------------------------- training files
+
+
+def _training_record(kind: str, data: dict[str, Any], max_chars: int) -> PreferencePair | tuple[str, str]:
+    if kind == "demonstrations":  # an empty prompt is fine (unconditional text), an empty response is not
+        prompt = required(data, "prompt")
+        if not isinstance(prompt, str):
+            raise RowError("prompt", f"wrong type: expected a string, got {type_name(prompt)}")
+        return prompt, _text(data, "response", max_chars)
+    tie = data.get("tie", False)
+    if not isinstance(tie, bool):  # "false" as text would otherwise count as a tie
+        raise RowError("tie", f"wrong type: expected true or false, got {type_name(tie)} {reprlib.repr(tie)}")
+    return replace(parse_row("pairs", data, max_chars), tie=tie)
+
+
+def read_training_file(path: str, kind: str, max_chars: int) -> list:
+    """What `rlhf train` learns from, every row checked as ingest checks it: demonstrations as
+    (prompt, response), pairs as PreferencePairs (ties marked). Any format ingest reads. Raises
+    ValueError at the first bad row, naming the file, the row and the field."""
+    records = []
+    for item in read_rows(path):
+        if isinstance(item, Quarantined):
+            raise ValueError(item.message())
+        try:
+            records.append(_training_record(kind, item.data, max_chars))
+        except RowError as error:
+            raise ValueError(item.quarantined(error.field, error.reason).message()) from None
+    return records

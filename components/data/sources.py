@@ -4,6 +4,7 @@ a `Quarantined` entry with the reason (see components/data/preferences.py for th
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import io
@@ -87,16 +88,38 @@ def _object(name: str, number: int, value: Any) -> tuple[int, dict] | Quarantine
     return Quarantined(name, number, None, f"not a JSON object but {type_name(value)}", value)
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    """json.loads keeps the last of two equal keys silently: an ambiguous row is an error instead."""
+    keys = [key for key, _ in pairs]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise ValueError(f"the key {key!r} appears {keys.count(key)} times in one object")
+    return dict(pairs)
+
+
+def _loads(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
+def _text_start(name: str, head: bytes) -> None:
+    """A UTF-8 byte-order mark is skipped by the readers; UTF-16 or UTF-32 text is refused at once."""
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise DataError(f"{name}: the file is UTF-16 or UTF-32 text (byte-order mark); save it as UTF-8")
+
+
 def _jsonl(name: str, handle: BinaryIO) -> Iterator[tuple[int, dict] | Quarantined]:
     # Bytes split on b"\n" only: a bad byte or a cut-off line spoils its own line and no other,
     # and a U+2028 inside a JSON string cannot split a record as str.splitlines would.
     for number, line in enumerate(handle, 1):
+        if number == 1:
+            _text_start(name, line)
+            line = line.removeprefix(codecs.BOM_UTF8)
         if not line.strip():
             continue
         # Invalid bytes survive as lone surrogates, so the text checks can name their field.
         text = line.decode("utf-8", "surrogateescape").rstrip("\r\n")
         try:
-            value = json.loads(text)
+            value = _loads(text)
         except (ValueError, RecursionError) as error:
             yield Quarantined(name, number, None, f"not valid JSON: {error}", text)
             continue
@@ -104,11 +127,13 @@ def _jsonl(name: str, handle: BinaryIO) -> Iterator[tuple[int, dict] | Quarantin
 
 
 def _json(name: str, handle: BinaryIO) -> Iterator[tuple[int, dict] | Quarantined]:
-    text = handle.read().decode("utf-8", "surrogateescape")
+    data = handle.read()
+    _text_start(name, data)
+    text = data.decode("utf-8-sig", "surrogateescape")
     if not text.strip():
         return
     try:
-        document = json.loads(text)
+        document = _loads(text)
     except (ValueError, RecursionError) as error:
         yield Quarantined(name, None, None, f"not valid JSON: {error}")
         return
@@ -126,11 +151,13 @@ def _json(name: str, handle: BinaryIO) -> Iterator[tuple[int, dict] | Quarantine
 
 
 def _csv(name: str, handle: BinaryIO) -> Iterator[tuple[int, dict] | Quarantined]:
+    _text_start(name, handle.peek(4)[:4] if hasattr(handle, "peek") else b"")
     text = io.TextIOWrapper(handle, encoding="utf-8-sig", errors="surrogateescape", newline="")
     reader = csv.reader(text)
     header = next(reader, None)
     if header is None:
         return
+    _distinct_columns(name, header)
     line = reader.line_num
     while True:
         start = line + 1
@@ -152,9 +179,18 @@ def _csv(name: str, handle: BinaryIO) -> Iterator[tuple[int, dict] | Quarantined
         yield start, dict(zip(header, cells))
 
 
+def _distinct_columns(name: str, columns: list[str]) -> None:
+    """Two columns of one name would make one of them vanish (a dict keeps the last): refused."""
+    repeated = sorted({column for column in columns if columns.count(column) > 1})
+    if repeated:
+        raise DataError(f"{name}: the column(s) {', '.join(map(repr, repeated))} appear more than once in the header")
+
+
 def _parquet(name: str, handle: BinaryIO) -> Iterator[tuple[int, dict] | Quarantined]:
     number = 0
-    for batch in pq.ParquetFile(pa.BufferReader(handle.read())).iter_batches():
+    table = pq.ParquetFile(pa.BufferReader(handle.read()))
+    _distinct_columns(name, table.schema_arrow.names)
+    for batch in table.iter_batches():
         for record in batch.to_pylist():
             number += 1
             yield number, record
@@ -206,6 +242,19 @@ def _records(name: str, kind: str, cfg: DataConfig) -> Iterator[tuple[int, dict]
         yield from _LOADERS[kind](name, handle)
 
 
+def _renamed(raw: dict[str, Any], fields: dict[str, str]) -> dict[str, Any]:
+    """`raw` with its fields renamed by `fields` (a byte-order mark dropped from the names); two
+    names that become one make the row ambiguous (RowError)."""
+    names = {key: fields.get(key.removeprefix("\ufeff"), key.removeprefix("\ufeff")) for key in raw}
+    data: dict[str, Any] = {}
+    for key, value in raw.items():
+        if names[key] in data:
+            sources = ", ".join(repr(other) for other in raw if names[other] == names[key])
+            raise RowError(names[key], f"ambiguous columns: {sources} all become {names[key]!r}")
+        data[names[key]] = value
+    return data
+
+
 def read_rows(source: str | Path, cfg: DataConfig = DataConfig()) -> list[Row | Quarantined]:
     """Every record of a local file or Hugging Face dataset id, or why it could not be read.
 
@@ -221,7 +270,13 @@ def read_rows(source: str | Path, cfg: DataConfig = DataConfig()) -> list[Row | 
                 items.append(record)
                 continue
             number, raw = record
-            data = {cfg.fields.get(key, key): value for key, value in raw.items()}
+            try:
+                data = _renamed(raw, cfg.fields)
+            except RowError as error:
+                if kind in ("csv", "parquet"):  # one header for every row: the whole file is ambiguous
+                    raise DataError(f"{name}: {error.reason}") from None
+                items.append(Quarantined(name, number, error.field, error.reason, raw))
+                continue
             items.append(Row(name, number, _typed_cells(data) if kind == "csv" else data, raw))
     except (OSError, EOFError, ValueError, zlib.error, csv.Error) as error:
         items.append(Quarantined(name, None, None, f"reading stopped after {len(items)} records: {error}"))

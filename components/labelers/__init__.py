@@ -8,15 +8,19 @@ one (`label.labeler`). Registered here:
 - `simulated`: simulated annotators, Bradley-Terry noise on the task's gold scorer
   (components/labelers/annotators.py);
 - `file`: an existing preference set (`data.source`, a file or a Hugging Face id), ingested and
-  checked row by row (components/data/preferences.py); it cannot label fresh samples.
+  checked row by row (components/data/preferences.py); it cannot label fresh samples;
+- `ai`: RLAIF, an LLM judge comparing samples under a constitution's principles
+  (components/labelers/ai.py);
+- `human`: people ranking, rating or comparing the samples in the Prefect UI, one prompt at a
+  time (components/labelers/human.py; the form is flows/labeling.py's).
 
-A new labeler (humans in the Prefect UI, an LLM judge) is a module with a factory taking a
+A new labeler is a module with a factory taking a
 `LabelingContext`, and one `register` line.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -36,11 +40,13 @@ class Labeler(Protocol):
 @dataclass(frozen=True)
 class LabelingContext:
     """What a labeler may need: the configuration, the task's gold scorer (None when the task has
-    none), and the folder of the preference set being written (for reports and quarantine)."""
+    none), the folder of the preference set being written (for reports and quarantine), and the
+    judge's API key that the pipeline layer read (components/pipeline/judging.py)."""
 
     cfg: Any
     gold: Callable[[str, str, bool], float] | None
     out: Path
+    judge_api_key: str | None = field(default=None, repr=False)  # for the `ai` labeler; never shown
 
 
 LABELERS: dict[str, Callable[[LabelingContext], Labeler]] = {}
@@ -58,7 +64,9 @@ def make(name: str, context: LabelingContext) -> Labeler:
     return LABELERS[name](context)
 
 
-from components.labelers import annotators, file  # noqa: E402  (they import the interface above)
+from components.labelers import ai, annotators, file, human  # noqa: E402  (they import the interface above)
 
 register("simulated", annotators.SimulatedAnnotators.from_context)
 register("file", file.FileLabeler.from_context)
+register("human", human.HumanLabeler.from_context)
+register("ai", ai.AIFeedback.from_context)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
+from components.data.records import Sample
 from components.models import gguf
 
 EOS = "<|endoftext|>"
@@ -226,3 +227,11 @@ def sample_many(model, tokenizer, prompts: list[str], sampling, seed: int) -> li
         rollout = sample(model, tokenizer, chunk, sampling.max_new_tokens, sampling.temperature, sampling.top_p)
         rows.extend(zip(chunk, rollout.completions, rollout.ended_with_eos))
     return rows
+
+
+def samples_to_label(model, tokenizer, prompts: list[str], sampling, seed: int) -> list[Sample]:
+    """`sample_many` for a labeler. An empty completion (EOS as the first token) becomes the EOS
+    token's text: a legitimately bad answer that a preference pair can hold, where an empty text is
+    no valid pair (the pairs suite wants at least one character)."""
+    marker = tokenizer.eos_token or EOS
+    return [Sample(p, c or marker, e) for p, c, e in sample_many(model, tokenizer, prompts, sampling, seed)]

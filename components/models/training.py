@@ -8,8 +8,11 @@ accumulation steps, so the gradient is the same however the batch is split: 2 pr
 loss curve of 1 with the same global batch.
 
 Checkpoints hold the model, optimizer, scheduler, every RNG state and the data position (the
-optimizer step: each epoch's order is a fixed permutation of the seed), so a run killed at any
-point and started again continues as if it had never stopped.
+optimizer step: each epoch's order is a fixed permutation of the seed) and the epoch's running
+metric sums, so a run killed at any point and started again continues as if it had never stopped:
+same weights, same returned metrics (the logged curves: components/pipeline/tracking.py).
+
+A non-finite loss, gradient norm or weight stops training with `NonFiniteError`; nothing is saved.
 """
 
 from __future__ import annotations
@@ -37,6 +40,17 @@ logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 def no_logging(metrics: dict, step: int) -> None:
     pass
+
+
+class NonFiniteError(ArithmeticError):
+    """Training produced a non-finite loss, gradient or weight: the model must not be saved."""
+
+
+def check_finite(model: torch.nn.Module, what: str) -> None:
+    """Raise NonFiniteError naming the first parameter of `model` holding a NaN or infinity."""
+    for name, parameter in model.named_parameters():
+        if not torch.isfinite(parameter.detach()).all():
+            raise NonFiniteError(f"{what}: weight {name} is not finite; no model saved")
 
 
 class Objective(Protocol):
@@ -115,13 +129,13 @@ def latest_checkpoint(checkpoint_dir: Path | None) -> Path | None:
     return done[-1] if done else None
 
 
-def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int) -> None:
-    """Write the state to a temporary folder and rename it, so a kill mid-save leaves the previous
-    checkpoint as the latest; older checkpoints are removed."""
+def save_checkpoint(accelerator: Accelerator, checkpoint_dir: Path, step: int, epoch_totals: dict) -> None:
+    """Write the state and the epoch's running metric sums to a temporary folder and rename it,
+    so a kill mid-save leaves the previous checkpoint as the latest; older checkpoints are removed."""
     final, partial = checkpoint_dir / f"step-{step:08d}", checkpoint_dir / f"partial-{step:08d}"
     accelerator.save_state(str(partial))
     if accelerator.is_main_process:
-        (partial / STATE_FILE).write_text(json.dumps({"step": step}))
+        (partial / STATE_FILE).write_text(json.dumps({"step": step, "epoch_totals": epoch_totals}))
         os.replace(partial, final)
         for old in checkpoint_dir.glob("step-*"):
             if old != final:
@@ -153,25 +167,28 @@ def train_loop(
     scheduler = warmup_cosine(optimizer, total_steps, cfg.warmup_fraction)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
-    start = 0
+    start, epoch_totals = 0, {}
     resume_from = latest_checkpoint(checkpoint_dir)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
-        start = json.loads((resume_from / STATE_FILE).read_text())["step"]
+        state = json.loads((resume_from / STATE_FILE).read_text())
+        start, epoch_totals = state["step"], state["epoch_totals"]
 
     model.train()
     progress = tqdm(
         total=total_steps, initial=start, desc=description, disable=not accelerator.is_local_main_process or None
     )
-    epoch_totals: dict[str, float] = {}
     step = 0
     for epoch in range(cfg.epochs):
-        epoch_totals = {}
         for batch in step_batches(objective.n_examples, cfg.batch_size, seed, epoch):
             step += 1
             if step <= start:
                 continue
+            if (step - 1) % batches_per_epoch == 0:  # an epoch's first step
+                epoch_totals = {}
             metrics = _optimizer_step(accelerator, model, optimizer, scheduler, objective, batch, cfg)
+            if not all(math.isfinite(value) for value in metrics.values()):
+                raise NonFiniteError(f"{description}: step {step}: {metrics}; stopped, no model saved (lower the lr?)")
             for key, value in metrics.items():
                 epoch_totals[key] = epoch_totals.get(key, 0.0) + value
             if accelerator.is_main_process and (step % cfg.log_every == 0 or step == total_steps):
@@ -179,11 +196,12 @@ def train_loop(
             progress.update(1)
             progress.set_postfix(loss=f"{metrics['loss']:.4f}", refresh=False)
             if checkpoint_dir and cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or step == total_steps):
-                save_checkpoint(accelerator, checkpoint_dir, step)
+                save_checkpoint(accelerator, checkpoint_dir, step, epoch_totals)
     progress.close()
     accelerator.wait_for_everyone()
     model = accelerator.unwrap_model(model)
     model.eval()
+    check_finite(model, description)
     return {key: value / batches_per_epoch for key, value in epoch_totals.items()}
 
 

@@ -51,17 +51,18 @@ STAGES = (
     Stage("pretrain", ("seed", "base"), ("corpus",), ("base",)),
     Stage("sft", ("seed", "sft", "base"), ("candidates", "base"), ("demonstrations", "sft")),
     Stage("collect", ("seed", "collect", "sampling", "label", "data"), ("prompts", "sft"), ("samples",)),
-    Stage("label", ("seed", "task", "label", "annotators", "data"), ("samples", "sft"), ("preferences",)),
+    Stage("label", ("seed", "task", "label", "annotators", "data", "judge", "rlaif"), ("samples", "sft"), ("preferences",)),
     Stage("validate", ("data", "base"), ("preferences", "sft"), (), ("validation",)),
     Stage("reward", ("seed", "reward", "base"), ("prompts", "preferences", "validation", "sft"), ("reward",)),
     Stage(
         "rl",
-        ("seed", "task", "rl", METHOD_SECTION, "base", "sampling", "collect", "label", "annotators", "reward"),
+        ("seed", "task", "rl", METHOD_SECTION, "base", "sampling", "collect", "label", "annotators", "reward", "judge",
+         "rlaif"),
         ("prompts", "sft", "reward", "preferences"),
         ("policy", "trace"),
     ),
     Stage(
-        "evaluate", ("seed", "task", "eval", "sampling"), ("prompts", "sft", "reward", "policy"), ("completions",),
+        "evaluate", ("seed", "task", "eval", "sampling", "judge"), ("prompts", "sft", "reward", "policy"), ("completions",),
         ("eval_metrics",),
     ),
 )
@@ -82,19 +83,26 @@ DVC_HEADER = """\
 # configuration that ran: the rl stage lists only the chosen method's section. Each command is the
 # entry point the Prefect flow's tasks call (`rlhf stage NAME` -> run_stage). `rlhf run` executes
 # them through Prefect and then records the result with `dvc commit`; `dvc repro` runs them alone.
+# A run's params are read from params.run.yaml: the configuration it used, overrides included.
 """
+# Written by each `rlhf run` (components/pipeline/versioning.py): the effective configuration,
+# params.yaml with `--set` overrides and flow parameters applied, which dvc.yaml then reads.
+RUN_PARAMS_FILE = "params.run.yaml"
 
 
-def dvc_yaml(cfg) -> str:
-    """dvc.yaml for `cfg`: each stage runs `rlhf stage NAME` with its deps, params and outs."""
+def dvc_yaml(cfg, params_file: str = "params.yaml") -> str:
+    """dvc.yaml for `cfg`: each stage runs `rlhf stage NAME` with its deps, params and outs, its
+    params read from `params_file` (the stages read it too, unless it is DVC's default params.yaml)."""
     import yaml
 
     stages = {}
     for stage in STAGES:
-        entry: dict = {"cmd": f"rlhf stage {stage.name}"}
+        config = "" if params_file == "params.yaml" else f" --config {params_file}"
+        entry: dict = {"cmd": f"rlhf stage {stage.name}{config}"}
         if stage.deps:
             entry["deps"] = [PATHS[key] for key in stage.deps]
-        entry["params"] = stage_params(cfg, stage.name)
+        keys = stage_params(cfg, stage.name)
+        entry["params"] = keys if params_file == "params.yaml" else [{params_file: keys}]
         if stage.outs:
             entry["outs"] = [PATHS[key] for key in stage.outs]
         if stage.metrics:

@@ -9,7 +9,9 @@ from components import evaluation, rl, tasks
 from components.config import PipelineConfig
 from components.files import read_jsonl, write_json, write_jsonl
 from components.models import lm, lora
-from components.pipeline import tracking
+from components.models.training import check_finite
+from components.judges import BudgetExceeded
+from components.pipeline import judging, tracking
 from components.pipeline.stages import (
     Outcome, StageError, checkpoints, labeler, load_reward, path, preference_pairs, prompts_of,
 )
@@ -71,6 +73,7 @@ def reinforce(cfg: PipelineConfig, root: str, log) -> Outcome:
         trace[row["step"]] = {"algorithm": cfg.rl.algorithm, **row}
     write_jsonl(path(root, "trace"), [trace[step] for step in sorted(trace)])
     policy = lora.merged(policy)
+    check_finite(policy, f"rl ({cfg.rl.algorithm})")
     lm.save_policy(policy, tokenizer, path(root, "policy"))
     model_uri = tracking.log_transformers_model(policy, tokenizer, "text-generation", f"{cfg.rl.algorithm} policy")
     return Outcome(metrics, model_uri)
@@ -84,6 +87,11 @@ def evaluate(cfg: PipelineConfig, root: str, log) -> Outcome:
     metrics, rows = evaluation.evaluate(
         policy, sft_policy, reward, tokenizer, prompts, cfg.sampling, cfg.seed + 1, tasks.make(cfg).gold
     )
+    if cfg.judge.base_url:  # the LLM judge's win-rate beside the reward's (components/pipeline/judging.py)
+        try:
+            metrics.update(judging.judge_rows(cfg, rows))
+        except (BudgetExceeded, ValueError) as error:
+            raise StageError(f"evaluate (judge): {error}") from error
     write_jsonl(path(root, "completions"), rows)
     write_json(path(root, "eval_metrics"), metrics)
     return Outcome(metrics)

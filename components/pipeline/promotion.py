@@ -1,18 +1,36 @@
-"""Promotion: register the policy in the MLflow registry; alias `champion` only past the gate."""
+"""Promotion in the MLflow registry: every policy becomes `challenger`; `champion` moves only past the gate.
+
+The gate has two parts: the evaluation thresholds against SFT (`gate`), and a head-to-head
+against the current champion, both answering the same held-out prompts, scored by the task's gold
+scorer (or the reward model for a task without one): the challenger's win-rate must exceed
+`promotion.head_to_head_margin`; its 95% Wilson interval is recorded with it. The champion it
+replaces keeps the alias `previous-champion`, which `rollback` restores.
+"""
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
 
 from components.pipeline import tracking
 from components.sections import PromotionConfig
 
-CHAMPION = "champion"
+CHAMPION, CHALLENGER, PREVIOUS = "champion", "challenger", "previous-champion"
+KEY_METRICS = ("eval/gold_win_rate_vs_sft", "eval/proxy_win_rate_vs_sft", "eval/kl_to_sft")
+
+
+class PromotionError(ValueError):
+    """A promotion command cannot be carried out; the message says why."""
 
 
 def gate(metrics: dict[str, float], cfg: PromotionConfig) -> list[str]:
-    """Reasons the policy may not become champion; empty when it passes. The win-rate is the gold
-    one, or the proxy one for a task without a gold scorer."""
+    """Reasons the policy may not become champion against SFT; empty when it passes. The win-rate
+    is the gold one, or the proxy one for a task without a gold scorer."""
     reasons = []
     name = "eval/gold_win_rate_vs_sft" if "eval/gold_win_rate_vs_sft" in metrics else "eval/proxy_win_rate_vs_sft"
     win_rate, kl = metrics.get(name, float("nan")), metrics.get("eval/kl_to_sft", float("nan"))
@@ -23,13 +41,144 @@ def gate(metrics: dict[str, float], cfg: PromotionConfig) -> list[str]:
     return reasons
 
 
-def promote(model_uri: str, metrics: dict[str, float], cfg: PromotionConfig) -> dict:
-    reasons = gate(metrics, cfg)
-    passed = not reasons
-    version = tracking.register(
-        model_uri,
-        cfg.model_name,
-        alias=CHAMPION if passed else None,
-        tags={"gate": "passed" if passed else "failed", "gate_reasons": "; ".join(reasons) or "-", **metrics},
-    )
-    return {"model_name": cfg.model_name, "version": version, "champion": passed, "reasons": reasons}
+def wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of a win-rate measured on n prompts."""
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def head_to_head(cfg, root: str | Path, challenger_uri: str, champion_uri: str) -> dict[str, float]:
+    """Challenger against champion on the first `eval.n_prompts` held-out prompts, both sampled
+    with the same seed: win-rate (ties one half), its 95% interval, and the prompts compared."""
+    import torch
+
+    from components import evaluation, tasks
+    from components.models import lm
+    from components.pipeline.stages import load_reward, prompts_of
+
+    prompts = prompts_of(str(root), "eval")[: cfg.eval.n_prompts]
+    gold = tasks.make(cfg).gold
+    reward = None if gold else load_reward(cfg, str(root), lm.load_policy(Path(root) / "models" / "sft")[1])
+    scores = []
+    for uri in (challenger_uri, champion_uri):
+        model, tokenizer = tracking.load_model(uri)
+        torch.manual_seed(cfg.seed + 2)
+        rollout = lm.sample(model, tokenizer, prompts, cfg.sampling.max_new_tokens, cfg.sampling.temperature,
+                            cfg.sampling.top_p)
+        if gold:
+            scores.append([gold(p, c, e) for p, c, e in zip(prompts, rollout.completions, rollout.ended_with_eos)])
+        else:
+            scores.append(reward.scores(rollout).tolist())
+    rate = evaluation.win_rate(*scores)
+    low, high = wilson(rate, len(prompts))
+    return {"win_rate": rate, "ci_low": low, "ci_high": high, "prompts": float(len(prompts))}
+
+
+def git_commit() -> str:
+    """The commit of the checkout this code runs from, '-' outside git."""
+    done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True)
+    return done.stdout.strip() or "-"
+
+
+def _alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _tag(client: MlflowClient, name: str, version: str, tags: dict) -> None:
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+
+
+def _crown(client: MlflowClient, name: str, version: str) -> None:
+    """`version` becomes champion; the champion it replaces becomes previous-champion."""
+    current = _alias_version(client, name, CHAMPION)
+    if current == version:
+        return
+    if current:
+        client.set_registered_model_alias(name, PREVIOUS, current)
+    client.set_registered_model_alias(name, CHAMPION, version)
+
+
+def _settle(cfg, root, version: str, model_uri: str, metrics: dict[str, float]) -> dict:
+    """Judge `version` (the gate against SFT, then head-to-head against the current champion),
+    record the decision as tags on it and crown it when it passes."""
+    name, client = cfg.promotion.model_name, MlflowClient()
+    reasons = gate(metrics, cfg.promotion)
+    tags: dict = {}
+    champion = _alias_version(client, name, CHAMPION)
+    if champion and champion != version:
+        match = head_to_head(cfg, root, model_uri, f"models:/{name}/{champion}")
+        tags = {f"head_to_head.{key}": value for key, value in match.items()} | {"head_to_head.champion": champion}
+        if not match["win_rate"] > cfg.promotion.head_to_head_margin:
+            reasons.append(
+                f"head-to-head win-rate {match['win_rate']:.3f} (95% CI {match['ci_low']:.3f}-{match['ci_high']:.3f}) "
+                f"against champion v{champion} is not above {cfg.promotion.head_to_head_margin}"
+            )
+    tags |= {"gate": "passed" if not reasons else "failed", "gate_reasons": "; ".join(reasons) or "-"}
+    _tag(client, name, version, tags)
+    if not reasons:
+        _crown(client, name, version)
+    return {"model_name": name, "version": int(version), "champion": not reasons, "reasons": reasons, **tags}
+
+
+def promote(model_uri: str, metrics: dict[str, float], cfg, root: str | Path, lineage: dict[str, str]) -> dict:
+    """Register the policy as `challenger`, tagged with its metrics, the md5 of every dataset it
+    consumed (`lineage`), the git commit and the configuration; crown it when the gate passes."""
+    tags = {**metrics, **lineage, "git_commit": git_commit(), "config": json.dumps(cfg.model_dump(), sort_keys=True)}
+    version = str(tracking.register(model_uri, cfg.promotion.model_name, alias=CHALLENGER, tags=tags))
+    return _settle(cfg, root, version, model_uri, metrics)
+
+
+def promote_version(cfg, root: str | Path, version: str, force: bool = False, reason: str | None = None) -> dict:
+    """`rlhf promote VERSION`: crown a registered version past the gate, or with `force` (and a
+    reason, recorded as a tag) without it."""
+    name, client = cfg.promotion.model_name, MlflowClient()
+    if force and not reason:
+        raise PromotionError("--force needs --reason, recorded on the version")
+    try:
+        found = client.get_model_version(name, version)
+    except MlflowException:
+        raise PromotionError(f"{name} has no version {version}") from None
+    if not force:
+        metrics = {key: float(value) for key, value in found.tags.items() if key.startswith("eval/")}
+        return _settle(cfg, root, version, f"models:/{name}/{version}", metrics)
+    _tag(client, name, version, {"forced": "true", "forced_reason": reason})
+    _crown(client, name, version)
+    return {"model_name": name, "version": int(version), "champion": True, "reasons": []}
+
+
+def rollback(name: str) -> dict:
+    """Champion back to `previous-champion` (that alias is then removed); returns both versions."""
+    client = MlflowClient()
+    previous, current = _alias_version(client, name, PREVIOUS), _alias_version(client, name, CHAMPION)
+    if not previous:
+        raise PromotionError(f"{name} has no previous-champion to roll back to")
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.delete_registered_model_alias(name, PREVIOUS)
+    if current:
+        _tag(client, name, current, {"rolled_back": "true"})
+    return {"model_name": name, "champion": int(previous), "demoted": int(current) if current else None}
+
+
+def versions(name: str) -> list[dict]:
+    """Every registered version, newest first: aliases, gate result and key metrics."""
+    client = MlflowClient()
+    try:
+        aliases = client.get_registered_model(name).aliases
+    except MlflowException:
+        return []
+    rows = []
+    for found in sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: -int(v.version)):
+        tags = found.tags
+        rows.append({
+            "version": int(found.version),
+            "aliases": ",".join(sorted(a for a, v in aliases.items() if str(v) == str(found.version))) or "-",
+            "gate": tags.get("gate", "-") + (" (forced)" if tags.get("forced") else ""),
+            **{key.removeprefix("eval/"): tags.get(key, "-") for key in KEY_METRICS},
+            "head_to_head": tags.get("head_to_head.win_rate", "-"),
+        })
+    return rows

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -24,7 +25,8 @@ from components.data import validation
 from components.data.records import PreferencePair, Sample
 from components.files import content_hash, read_jsonl, write_json, write_jsonl
 from components.models import lm
-from components.pipeline import tracking
+from components.models.training import NonFiniteError
+from components.pipeline import judging, tracking
 from components.pipeline.layout import PATHS, STAGE_BY_NAME, Artifact, StageResult, stage_params
 from components.tasks import chat
 from components.trainers import reward_model, sft
@@ -128,7 +130,9 @@ def supervised_fine_tune(cfg: PipelineConfig, root: str, log) -> Outcome:
 def labeler(cfg: PipelineConfig, root: str, name: str | None = None) -> labelers.Labeler:
     """The labeler of the label stage (`data.source`, when set, is the file labeler) or `name`."""
     name = name or ("file" if cfg.data.source else cfg.label.labeler)
-    context = labelers.LabelingContext(cfg, tasks.make(cfg).gold, path(root, "preferences").parent)
+    context = labelers.LabelingContext(
+        cfg, tasks.make(cfg).gold, path(root, "preferences").parent, judging.api_key(cfg.judge)
+    )
     try:
         return labelers.make(name, context)
     except labelers.LabelingError as error:
@@ -145,12 +149,10 @@ def collect(cfg: PipelineConfig, root: str, log) -> Outcome:
     chosen = random.Random(cfg.seed).sample(prompts, k=min(cfg.collect.n_prompts, len(prompts)))
     model, tokenizer = lm.load_policy(path(root, "sft"))
     repeated = [p for p in chosen for _ in range(cfg.collect.k)]
-    rows = lm.sample_many(model, tokenizer, repeated, cfg.sampling, cfg.seed)
-    write_jsonl(
-        path(root, "samples"),
-        [{"prompt": p, "completion": c, "ended_with_eos": e, "policy": "sft"} for p, c, e in rows],
-    )
-    return Outcome({"prompts": len(chosen), "samples": len(rows), "eos_rate": sum(e for _, _, e in rows) / len(rows)})
+    samples = lm.samples_to_label(model, tokenizer, repeated, cfg.sampling, cfg.seed)
+    write_jsonl(path(root, "samples"), [{**asdict(sample), "policy": "sft"} for sample in samples])
+    eos_rate = sum(sample.ended_with_eos for sample in samples) / len(samples)
+    return Outcome({"prompts": len(chosen), "samples": len(samples), "eos_rate": eos_rate})
 
 
 def _rendered(cfg: PipelineConfig, pairs: list[PreferencePair], quarantine: Path) -> list[PreferencePair]:
@@ -274,7 +276,9 @@ def config_inputs(name: str, cfg: PipelineConfig) -> list[Artifact]:
     model folder, the task's files): inputs like the upstream outputs, so their content hash keys
     the cache too."""
     named = {
-        "label": [("data.source", cfg.data.source)],
+        "label": [("data.source", cfg.data.source), ("rlaif.constitution", cfg.rlaif.constitution),
+                  ("rlaif.template", cfg.rlaif.template)],
+        "evaluate": [("judge.template", cfg.judge.template)],
         "pretrain": [("base.pretrained", cfg.base.pretrained)],
         "reward": [("reward.backbone", cfg.reward.backbone)],
         "task": [(f"task.{key}", getattr(cfg.task, key)) for key in ("prompts", "eval_prompts", "demonstrations")],
@@ -305,8 +309,12 @@ def run_stage(name: str, cfg: PipelineConfig, root: str | Path, parent_run_id: s
     torch.manual_seed(cfg.seed)
     params = params_of(cfg, name)
     checkpoint_folder = _prepare_checkpoints(root, name, params, inputs)
-    with tracking.stage_run(name, params, inputs, parent_run_id) as run:
-        outcome = _implementations()[name](cfg, root, tracking.metric_logger("train"))
+    with tracking.stage_run(name, params, inputs, root, parent_run_id) as run:
+        try:
+            log = tracking.metric_logger("train", checkpoint_folder / tracking.METRICS_JOURNAL)
+            outcome = _implementations()[name](cfg, root, log)
+        except NonFiniteError as error:
+            raise StageError(str(error)) from error
         outputs = [Artifact.of(root, key) for key in stage.outs + stage.metrics]
         mlflow.log_metrics({key: float(value) for key, value in outcome.metrics.items()})
         tracking.log_outputs(outputs)

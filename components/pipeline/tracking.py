@@ -7,6 +7,7 @@ under `<root>/mlflow/artifacts`; `MLFLOW_TRACKING_URI` set in the environment wi
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from importlib.metadata import version
 from pathlib import Path
@@ -15,10 +16,12 @@ import mlflow
 from huggingface_hub import ModelCard
 from mlflow.tracking import MlflowClient
 
-from components.pipeline.layout import Artifact
+from components.pipeline.layout import Artifact, code_version
 from components.data.preferences import report_metrics
 
 STAGE_TAG = "rlhf.stage"
+METRICS_JOURNAL = "metrics.jsonl"  # beside a run's checkpoints: the steps it logged (metric_logger)
+ROOT_TAG = "rlhf.root"  # the project folder of a pipeline, stage or compare run (see fail_stale_runs)
 # Read once, before anything here runs: mlflow.set_tracking_uri also writes this variable, so a
 # later read could not tell the user's choice from the store of the previous project configured.
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
@@ -51,10 +54,28 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def fail_stale_runs(root: str | Path, experiment: str) -> int:
+    """Mark FAILED the runs of the project at `root` left RUNNING by a killed process. Call it
+    holding the project lock (components/pipeline/lock.py): then no run of `root` can be live."""
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return 0
+    client = MlflowClient()
+    running = client.search_runs([found.experiment_id], filter_string="attributes.status = 'RUNNING'")
+    stale = [run for run in running if run.data.tags.get(ROOT_TAG) == str(Path(root).resolve())]
+    for run in stale:
+        client.set_tag(run.info.run_id, "rlhf.failure", "its process died (found RUNNING by the next run)")
+        client.set_terminated(run.info.run_id, "FAILED")
+    return len(stale)
+
+
 @contextlib.contextmanager
-def stage_run(stage: str, params: dict, inputs: list[Artifact], parent_run_id: str | None = None):
+def stage_run(stage: str, params: dict, inputs: list[Artifact], root: str, parent_run_id: str | None = None):
     """An MLflow run for one stage: params, the content hash of every input it consumed."""
-    tags = {STAGE_TAG: stage, **{f"data.{a.name}.md5": a.md5 for a in inputs}}
+    tags = {
+        STAGE_TAG: stage, ROOT_TAG: str(Path(root).resolve()), "rlhf.code_version": code_version(),
+        **{f"data.{a.name}.md5": a.md5 for a in inputs},
+    }
     if parent_run_id:
         tags["mlflow.parentRunId"] = parent_run_id
     with mlflow.start_run(run_name=stage, tags=tags) as run:
@@ -62,13 +83,30 @@ def stage_run(stage: str, params: dict, inputs: list[Artifact], parent_run_id: s
         yield run
 
 
-def metric_logger(prefix: str):
+def metric_logger(prefix: str, journal: Path | None = None):
     """A `log(metrics, step)` callback for the training loops: curves named `prefix/key`, apart
-    from the stage's summary metrics that keep their plain names."""
+    from the stage's summary metrics that keep their plain names.
 
-    def log(metrics: dict, step: int) -> None:
+    With `journal` (a file beside the checkpoints a killed run resumes from) every logged step is
+    also appended there; a resumed run first logs the journal's steps to its own MLflow run and
+    skips them when it computes them again, so its curves equal those of an uninterrupted run."""
+    logged: set[tuple] = set()
+
+    def log(metrics: dict, step: int, record: bool = True) -> None:
+        entry = (step, *sorted(metrics))
+        if entry in logged:
+            return
+        logged.add(entry)
         mlflow.log_metrics({f"{prefix}/{key}": float(value) for key, value in metrics.items()}, step=step)
+        if journal is not None and record:
+            journal.parent.mkdir(parents=True, exist_ok=True)
+            with open(journal, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps([step, metrics]) + "\n")
 
+    for line in journal.read_text().splitlines() if journal is not None and journal.is_file() else []:
+        with contextlib.suppress(ValueError):  # the last line may have been cut by the kill
+            step, metrics = json.loads(line)
+            log(metrics, step, record=False)
     return log
 
 
@@ -91,6 +129,12 @@ def log_transformers_model(model, tokenizer, task: str, description: str, name: 
         pip_requirements=[f"{pkg}=={version(pkg)}" for pkg in ("torch", "transformers", "tokenizers", "safetensors")],
     )
     return info.model_uri
+
+
+def load_model(model_uri: str):
+    """(model, tokenizer) of a logged or registered transformers model, e.g. models:/rlhf-policy@champion."""
+    parts = mlflow.transformers.load_model(model_uri, return_type="components")
+    return parts["model"].eval(), parts["tokenizer"]
 
 
 def register(model_uri: str, name: str, alias: str | None, tags: dict) -> int:
@@ -123,10 +167,11 @@ class PipelineRun:
     """The parent run of one pipeline execution, written through the client so that stage runs
     (started with `mlflow.start_run` in whatever thread runs the task) never collide with it."""
 
-    def __init__(self, experiment: str, params: dict):
+    def __init__(self, experiment: str, params: dict, root: str, name: str = "pipeline"):
         self.client = MlflowClient()
         experiment_id = self.client.get_experiment_by_name(experiment).experiment_id
-        self.run_id = self.client.create_run(experiment_id, run_name="pipeline", tags={STAGE_TAG: "pipeline"}).info.run_id
+        tags = {STAGE_TAG: "pipeline", ROOT_TAG: str(Path(root).resolve())}
+        self.run_id = self.client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
         for key, value in flatten(params).items():
             self.client.log_param(self.run_id, key, value)
 
@@ -138,5 +183,13 @@ class PipelineRun:
         for key, value in metrics.items():
             self.client.log_metric(self.run_id, key, float(value))
 
+    def parented(self, run_ids: list[str | None]) -> bool:
+        """Whether any of these stage runs ran under this run (not reused from a cached one)."""
+        return any(rid and self.client.get_run(rid).data.tags.get("mlflow.parentRunId") == self.run_id for rid in run_ids)
+
     def end(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status)
+
+    def discard(self) -> None:
+        """Delete the run: nothing ran under it (a fully cached re-run)."""
+        self.client.delete_run(self.run_id)

@@ -12,18 +12,29 @@ import contextlib
 import logging
 from pathlib import Path
 
+import yaml
+
+from components.files import write_text
+from components.pipeline.layout import RUN_PARAMS_FILE, dvc_yaml
+
 log = logging.getLogger(__name__)
+RUN_PARAMS_HEADER = "# Written by `rlhf run`: the configuration of the last run (params.yaml with its overrides).\n"
 
 
-def record(root: str | Path, dvc_yaml: str) -> dict:
-    """Write `dvc_yaml` (the stages as the run's configuration declares them) to `root`, commit
-    all its stages and push to the default remote (if one is set)."""
+def record(root: str | Path, cfg) -> dict:
+    """Write the run's effective configuration `cfg` to RUN_PARAMS_FILE and dvc.yaml with the
+    stages as `cfg` declares them, reading their params from that file (so dvc.lock records what
+    ran, overrides included), commit all stages and push to the default remote (if one is set)."""
     if not (Path(root) / ".dvc").is_dir():
         log.warning("%s is not a DVC repository: outputs are not versioned", root)
         return {"committed": False, "pushed": 0}
-    stages = Path(root) / "dvc.yaml"
-    if not stages.is_file() or stages.read_text() != dvc_yaml:
-        stages.write_text(dvc_yaml)
+    params = Path(root) / RUN_PARAMS_FILE
+    effective = RUN_PARAMS_HEADER + yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+    if not params.is_file() or params.read_text() != effective:
+        write_text(params, effective)
+    stages, declared = Path(root) / "dvc.yaml", dvc_yaml(cfg, RUN_PARAMS_FILE)
+    if not stages.is_file() or stages.read_text() != declared:
+        write_text(stages, declared)
     from dvc.repo import Repo  # heavy import, only when versioning
 
     # DVC resolves stage paths against the working directory, so run it from the project root

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from safetensors.torch import load_model, save_model
 
-from components.data.records import PreferencePair, Sample
+from components.data.records import PreferencePair
 from components.files import read_jsonl, write_jsonl
 from components.models import lm
 from components.rl.base import RLInputs, RLMethod
@@ -49,8 +49,7 @@ def fresh_pairs(policy, tokenizer, prompts: list[str], feedback: Feedback, seed:
     """The current policy's answers, labelled: (pairs, labeler stats)."""
     chosen = random.Random(seed).sample(prompts, k=min(feedback.n_prompts, len(prompts)))
     repeated = [prompt for prompt in chosen for _ in range(feedback.k)]
-    samples = [Sample(*row) for row in lm.sample_many(policy, tokenizer, repeated, feedback.sampling, seed)]
-    return feedback.labeler.label(samples, seed)
+    return feedback.labeler.label(lm.samples_to_label(policy, tokenizer, repeated, feedback.sampling, seed), seed)
 
 
 def _save_round(folder: Path, round_: int, run: RLInputs, policy, pairs: list[PreferencePair], stats: dict) -> None:

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 
 from components.models import lm, lora
 from components.sections import DPOConfig
-from components.files import read_records
+from components.data.rows import read_training_file
 from components.data.records import PreferencePair
 from components.models.training import MetricsLogger, make_accelerator, no_logging, save_on_main, train_loop, unwrap
 
@@ -280,8 +280,8 @@ def run(cfg: PipelineConfig, model_path: str, data_path: str, out: Path, log: Me
     model is saved. Sequences are truncated to base.max_length, or the model's context if shorter.
     """
     out = Path(out)
-    rows = read_records(data_path, ("prompt", "chosen", "rejected"))
-    pairs = [PreferencePair(row["prompt"], row["chosen"], row["rejected"]) for row in rows if not row.get("tie")]
+    rows = read_training_file(data_path, "pairs", cfg.data.max_chars)
+    pairs = [pair for pair in rows if not pair.tie]
     policy, tokenizer = lm.load_policy(model_path)  # after the data: a bad file fails before a slow load
     policy, metrics = train(
         policy, tokenizer, pairs, min(cfg.base.max_length, lm.context_length(policy)), cfg.dpo, cfg.seed, log,

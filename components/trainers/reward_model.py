@@ -30,7 +30,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from components.sections import RewardConfig
 from components.data.records import PreferencePair
-from components.files import read_records
+from components.data.rows import read_training_file
 from components.models import lm
 from components.models.lm import PAD, Rollout, forward, make_rollout
 from components.models.training import MetricsLogger, no_logging, save_on_main, train_loop
@@ -301,8 +301,7 @@ def run(cfg: PipelineConfig, model_path: str, data_path: str, out: Path, log: Me
     sequence-classification model) trained on the pairs JSONL at `data_path` (prompt, chosen,
     rejected, optionally margin; ties left out) with the `reward` section, a seeded
     `reward.eval_fraction` held out for accuracy; saved with its tokenizer to `out`."""
-    rows = [row for row in read_records(data_path, ("prompt", "chosen", "rejected")) if not row.get("tie")]
-    pairs = [PreferencePair(r["prompt"], r["chosen"], r["rejected"], r.get("margin")) for r in rows]
+    pairs = [pair for pair in read_training_file(data_path, "pairs", cfg.data.max_chars) if not pair.tie]
     random.Random(cfg.seed).shuffle(pairs)
     n_eval = max(1, int(len(pairs) * cfg.reward.eval_fraction))
     model, tokenizer = load_with_tokenizer(model_path)

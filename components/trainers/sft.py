@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from components.models import lm
 from components.sections import TrainerConfig
-from components.files import read_records
+from components.data.rows import read_training_file
 from components.models.lm import forward
 from components.models.training import MetricsLogger, no_logging, save_on_main, train_loop
 
@@ -207,7 +207,7 @@ def run(cfg: PipelineConfig, model_path: str, data_path: str, out: Path, log: Me
     `data_path` (fields prompt and response) with the `sft` section, saved to `out`. Checkpoints
     go to out/checkpoints, where a killed run resumes from."""
     out = Path(out)
-    demos = [Demonstration(row["prompt"], row["response"]) for row in read_records(data_path, ("prompt", "response"))]
+    demos = [Demonstration(*row) for row in read_training_file(data_path, "demonstrations", cfg.data.max_chars)]
     model, tokenizer = lm.load_policy(model_path)  # after the data: a bad file fails before a slow load
     metrics = train(
         model, tokenizer, demos, min(cfg.base.max_length, lm.context_length(model)), cfg.sft, cfg.seed, log,

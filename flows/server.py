@@ -1,0 +1,80 @@
+"""The Prefect API of one `rlhf run` or `rlhf compare`, and what a killed run left behind.
+
+Without `PREFECT_API_URL` Prefect starts an ephemeral API server as a child process, which
+outlives its parent when that is killed (kill -9 gives it no chance to stop it). `local_api`
+starts that server itself, the same way, but asks the kernel to stop it when its parent dies
+(Linux: PR_SET_PDEATHSIG). Then `crash_stale_runs` marks CRASHED the flow runs of the project
+that a killed process left RUNNING (call it holding the project lock: none of them is live).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import prefect
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+from prefect.client.schemas.objects import StateType
+from prefect.server.api.server import SubprocessASGIServer
+from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+from prefect.states import Crashed
+
+PR_SET_PDEATHSIG = 1
+UNFINISHED = [StateType.RUNNING, StateType.PENDING, StateType.PAUSED, StateType.CANCELLING]
+
+
+def _die_with_parent() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class _BoundServer(SubprocessASGIServer):
+    """Prefect's ephemeral server process, stopped by the kernel when its parent dies."""
+
+    _instances: dict = {}  # not Prefect's own registry of servers by port
+
+    def _run_uvicorn_command(self) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "error", "--lifespan", "on"],
+            env={
+                **os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+                **get_current_settings().to_environment_variables(exclude_unset=True),
+            },
+            preexec_fn=_die_with_parent,
+        )
+
+
+@contextlib.contextmanager
+def local_api():
+    """The configured Prefect API, or a bound ephemeral server for the duration of the block."""
+    if PREFECT_API_URL.value():
+        yield
+        return
+    server = _BoundServer()
+    try:
+        server.start()
+        with temporary_settings({PREFECT_API_URL: server.api_url}):
+            yield
+    finally:
+        server.stop()
+
+
+def crash_stale_runs(root: str | Path) -> int:
+    """Mark CRASHED the unfinished flow runs whose `root` parameter is this project's."""
+    root = str(Path(root).resolve())
+    states = FlowRunFilterState(type=FlowRunFilterStateType(any_=UNFINISHED))
+    with get_client(sync_client=True) as client:
+        stale = [run for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(state=states))
+                 if run.parameters.get("root") == root]
+        for run in stale:
+            client.set_flow_run_state(run.id, Crashed(message="its process died (found unfinished by the next run)"),
+                                      force=True)
+    return len(stale)
