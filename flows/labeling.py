@@ -15,6 +15,7 @@ Importing this module also makes the `human` labeler ask in the UI, so online ro
 
 from __future__ import annotations
 
+import random
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,9 +28,12 @@ from pydantic import Field
 
 from components.config import PipelineConfig, override, project_config
 from components.data import validation
+from components.data.records import Sample
 from components.files import read_jsonl, write_json
 from components.labelers import human
-from components.pipeline import versioning
+from components.models import lm
+from components.pipeline import tracking, versioning
+from components.pipeline.stages import path, prompts_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,6 +85,21 @@ def ask_in_ui(item: human.Item, mode: str, error: str | None, timeout_s: int) ->
 human.use(ask_in_ui)
 
 
+def sample_items(cfg, root: str | Path) -> list[human.Item]:
+    """A session's items: `collect.k` completions of `human.session_size` training prompts (seeded)
+    from the SFT policy, the current RL policy, or the registry's champion (`human.policy`)."""
+    if cfg.human.policy == "champion":
+        tracking.configure(root, cfg.experiment)
+        model, tokenizer = tracking.load_model(f"models:/{cfg.promotion.model_name}@champion")
+    else:
+        model, tokenizer = lm.load_policy(path(str(root), "sft" if cfg.human.policy == "sft" else "policy"))
+    prompts = prompts_of(str(root), "train")
+    chosen = random.Random(cfg.seed).sample(prompts, k=min(cfg.human.session_size, len(prompts)))
+    rows = lm.sample_many(model, tokenizer, [p for p in chosen for _ in range(cfg.collect.k)], cfg.sampling, cfg.seed)
+    return human.items_of([Sample(*row) for row in rows], cfg.human.mode, cfg.human.session_size)
+
+
+
 @flow(name="rlhf-label", log_prints=True)
 def rlhf_label(
     config: PipelineConfig = project_config(REPO), root: str = ".", session: str = "", overrides: list[str] | None = None
@@ -92,7 +111,7 @@ def rlhf_label(
     name = session or datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     folder = Path(root).resolve() / cfg.human.folder / name
     labeling = human.Session(folder, cfg.human.mode, cfg.human.timeout_s)
-    items = labeling.items(lambda: human.sample_items(cfg, root))
+    items = labeling.items(lambda: sample_items(cfg, root))
     logger.info("session %s: %d items in %s (%s)", name, len(items), folder, cfg.human.mode)
     stats = labeling.run(items)
     rows = read_jsonl(labeling.pairs_file) if labeling.pairs_file.is_file() else []

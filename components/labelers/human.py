@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from components.data.preferences import Ranked, Rated, ranked_pairs, rated_pairs
+from components.data.preferences import ranked_pairs, rated_pairs
+from components.data.rows import Ranked, Rated
 from components.data.records import PreferencePair, Sample
 from components.files import read_jsonl, write_jsonl
 from components.labelers import LabelingContext, LabelingError
@@ -70,26 +71,6 @@ def items_of(samples: list[Sample], mode: str, size: int) -> list[Item]:
         Item(index, prompt, tuple(completions[:shown]))
         for index, (prompt, completions) in enumerate(list(groups.items())[:size])
     ]
-
-
-def sample_items(cfg, root: str | Path) -> list[Item]:
-    """A session's items: `collect.k` completions of `human.session_size` training prompts (seeded)
-    from the SFT policy, the current RL policy, or the registry's champion (`human.policy`)."""
-    import random
-
-    from components.models import lm
-    from components.pipeline import tracking
-    from components.pipeline.stages import path, prompts_of
-
-    if cfg.human.policy == "champion":
-        tracking.configure(root, cfg.experiment)
-        model, tokenizer = tracking.load_model(f"models:/{cfg.promotion.model_name}@champion")
-    else:
-        model, tokenizer = lm.load_policy(path(str(root), "sft" if cfg.human.policy == "sft" else "policy"))
-    prompts = prompts_of(str(root), "train")
-    chosen = random.Random(cfg.seed).sample(prompts, k=min(cfg.human.session_size, len(prompts)))
-    rows = lm.sample_many(model, tokenizer, [p for p in chosen for _ in range(cfg.collect.k)], cfg.sampling, cfg.seed)
-    return items_of([Sample(*row) for row in rows], cfg.human.mode, cfg.human.session_size)
 
 
 def check(item: Item, mode: str, answer: dict[str, Any]) -> str | None:
