@@ -339,6 +339,12 @@ class PromotionConfig(Section):
         description="win-rate the challenger needs against the current champion on the same held-out prompts (gold "
         "scorer, else the reward model; ties count one half) to take the champion alias; its 95% interval is recorded",
     )
+    judge_margin: float | None = Field(
+        None, ge=0, lt=1,
+        description="with a judge configured (judge.base_url), the head-to-head also asks it, both orders, and records "
+        "its win-rate against the champion with a 95% interval; None: recorded only; a number: that win-rate must "
+        "also exceed it",
+    )
 
 
 class OrchestrationConfig(Section):
@@ -347,8 +353,14 @@ class OrchestrationConfig(Section):
     schedule: str = Field("0 2 * * *", description="cron schedule of the rlhf-pipeline/scheduled deployment (UTC)")
     gpu_pool: str | None = Field(
         "rlhf-gpu",
-        description="a deployed pipeline run (not `rlhf run`) runs pretrain, sft, reward and rl as subflow runs of "
-        "deployment rlhf-stage/<gpu_pool>, on that work pool; None: in-process",
+        description="the work pool the GPU deployments are deployed on (prefect.yaml: rlhf-stage/pretrain-sft, "
+        "rlhf-stage/reward and rlhf-stage/rl on rlhf-gpu): set, a deployed pipeline run (not `rlhf run`) runs pretrain, "
+        "sft, reward and rl as subflow runs of those deployments; None: in-process",
+    )
+    gpu_processes: int = Field(
+        1, ge=1, le=64,
+        description="processes of the pretrain, sft and reward trainers: >1 runs each under `accelerate launch "
+        "--multi_gpu --num_processes N` (one per GPU of the host; without CUDA, CPU processes over gloo); rl runs in one",
     )
     retries: int = Field(2, ge=0, description="retries of a stage that failed on a transient error (a lost worker, I/O)")
 

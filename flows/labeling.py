@@ -19,11 +19,12 @@ import random
 from datetime import datetime, timezone
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_client, get_run_logger, runtime
 from prefect.artifacts import create_markdown_artifact
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
+from prefect.states import Running
 from pydantic import Field
 
 from components.config import PipelineConfig, override, project_config
@@ -39,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class Answer(RunInput):
-    annotator: str = Field("", description="your name (required)")
+    annotator: str = Field(description="your name")  # required: the form marks it so; a blank one is refused
     unsafe_or_skip: bool = Field(False, description="tick to skip this prompt (unsafe, unreadable, ...): no label is kept")
 
 
@@ -78,8 +79,18 @@ def ask_in_ui(item: human.Item, mode: str, error: str | None, timeout_s: int) ->
     try:
         answer = pause_flow_run(wait_for_input=form, timeout=timeout_s, poll_interval=2)
     except FlowPauseTimeout:
+        _running_again(f"item {item.index + 1} was not answered within {timeout_s} s: the session keeps its labels")
         return None
     return answer.model_dump(include={"annotator", "unsafe_or_skip", "ranking", "ratings", "choice"})
+
+
+def _running_again(message: str) -> None:
+    """Take the current flow run out of its expired pause. The server fails a run whose pause
+    timed out (it can no longer be resumed), but a session that times out ends normally with what
+    was labelled: so the run is set Running again (forced, past that rule) and goes on."""
+    get_run_logger().warning(message)
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(runtime.flow_run.id, Running(message=message), force=True)
 
 
 human.use(ask_in_ui)

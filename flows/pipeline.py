@@ -23,7 +23,8 @@ from components.config import PipelineConfig, override, project_config
 from components.pipeline.layout import STAGES, StageResult
 from flows.gpu import GPU_STAGES, run_on_pool
 from flows.judging import export_judge_key
-from tasks.stages import promote_task, run
+from flows.server import project_run
+from tasks.stages import cached_result, promote_task, run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,6 +55,30 @@ def where_to_watch(tracking_uri: str, experiment: str, run_id: str) -> str:
     return f"Prefect: {prefect_url} | MLflow: {mlflow_url}"
 
 
+def fully_cached(config: PipelineConfig, root: str) -> bool:
+    """Whether every stage would reuse its cached result (tasks/stages.py `cached_result`)."""
+    found: dict[str, StageResult] = {}
+    for stage in STAGES:
+        upstream = [found[s.name] for s in STAGES if set(s.outs + s.metrics) & set(stage.deps)]
+        result = cached_result(stage.name, config, root, upstream)
+        if result is None:
+            return False
+        found[stage.name] = result
+    return True
+
+
+class NoParentRun:
+    """The parent run of a fully cached re-run: none, so it records nothing."""
+
+    run_id = None
+
+    def set_tags(self, tags: dict) -> None: ...
+    def log_metrics(self, metrics: dict) -> None: ...
+    def end(self, status: str) -> None: ...
+    def parented(self, run_ids: list) -> bool:
+        return True
+
+
 @flow(name="rlhf-pipeline", log_prints=True)
 def rlhf_pipeline(
     config: PipelineConfig = project_config(REPO), root: str = ".", promote: bool = True,
@@ -63,14 +88,23 @@ def rlhf_pipeline(
     maybe crown it champion (`promote=False`: evaluation only, as when methods are compared).
     `overrides` take `--set` syntax (e.g. rl.algorithm=dpo) over `config`, whose form defaults are
     the project's params.yaml. A deployed run sends the heavy stages to `orchestration.gpu_pool`."""
+    with project_run(root, override(config, overrides or []).experiment):  # one run per project folder
+        return _run_pipeline(config, root, promote, overrides)
+
+
+def _run_pipeline(config: PipelineConfig, root: str, promote: bool, overrides: list[str] | None) -> dict:
     logger = get_run_logger()
     config = override(config, overrides or [])
     export_judge_key(config)  # the judge's key from a Prefect Secret block, for this process's stages
     root = str(Path(root).resolve())
     uri = tracking.configure(root, config.experiment)
     name = f"{config.rl.algorithm}-{datetime.now(timezone.utc):%Y-%m-%d-%H%M%S}"
-    pipeline = tracking.PipelineRun(config.experiment, config.model_dump(), root, name)
-    logger.info(where_to_watch(uri, config.experiment, pipeline.run_id))
+    if fully_cached(config, root):  # nothing will run: no parent run to add to MLflow
+        pipeline = NoParentRun()
+        logger.info("every stage is cached for this configuration: no new MLflow run")
+    else:
+        pipeline = tracking.PipelineRun(config.experiment, config.model_dump(), root, name)
+        logger.info(where_to_watch(uri, config.experiment, pipeline.run_id))
     remote = bool(config.orchestration.gpu_pool and runtime.deployment.id)
     progress = create_progress_artifact(0.0, key="rlhf-progress", description="pipeline stages done (%)")
     results: dict[str, StageResult] = {}

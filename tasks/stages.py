@@ -8,15 +8,20 @@ disk is recomputed (`run`). Results are stored as plain JSON and never unpickled
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from prefect import task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import INPUTS, CachePolicy
+from prefect.filesystems import LocalFileSystem
+from prefect.results import ResultStore, get_default_result_storage
 from prefect.utilities.hashing import hash_objects
 
-from components.pipeline import promotion
+from components import progress
+from components.pipeline import launch, promotion
 from components.config import PipelineConfig
 from components.pipeline.layout import STAGE_BY_NAME, StageResult, code_version
 from components.pipeline.stages import StageError, config_inputs, params_of, run_stage
@@ -52,7 +57,11 @@ def stage_task(
     name: str, cfg: PipelineConfig, root: str, upstream: list[StageResult], parent_run_id: str | None = None
 ) -> StageResult:
     try:
-        result = run_stage(name, cfg, root, parent_run_id)
+        if launch.launched(name, cfg):  # on several processes: the trainer under `accelerate launch`
+            result = launch.run_launched(name, cfg, root, parent_run_id)
+        else:
+            with progress.reporting(ui_progress(name)):
+                result = run_stage(name, cfg, root, parent_run_id)
     except StageError as error:
         create_markdown_artifact(
             key=f"{name}-failure", markdown=f"## Stage `{name}` failed\n\n```\n{error}\n```", description=str(error)[:200]
@@ -61,6 +70,25 @@ def stage_task(
     if result.report:
         create_markdown_artifact(key=f"{name}-report", markdown=result.report, description=f"stage {name}")
     return result
+
+
+def ui_progress(stage: str) -> progress.Listener:
+    """Each progress bar of the stage (a trainer's steps, the RL iterations of a round, sampling)
+    as a Prefect progress artifact of the task run, updated while it runs (components/progress.py)."""
+
+    def started(description: str, total: float | None):
+        if not total:
+            return None
+        key = re.sub(r"[^a-z0-9]+", "-", f"{stage}-{description}-progress".lower()).strip("-")
+        artifact = create_progress_artifact(0.0, key=key, description=f"{stage}: {description}")
+
+        def done(count: float) -> None:
+            update_progress_artifact(artifact, 100.0 * min(count, total) / total,
+                                     description=f"{stage}: {description}, {count:.0f} of {total:.0f}")
+
+        return done
+
+    return started
 
 
 def transient(task, task_run, state) -> bool:
@@ -73,6 +101,20 @@ def transient(task, task_run, state) -> bool:
     except BaseException:
         return True
     return True
+
+
+def cached_result(name: str, cfg: PipelineConfig, root: str, upstream: list[StageResult]) -> StageResult | None:
+    """The result that `run` would reuse for stage `name` (cached under the same key, written by
+    us, its outputs intact), or None when the stage would run. Looked up without running anything."""
+    key = StageInputs().compute_key(None, {"name": name, "cfg": cfg, "root": root, "upstream": upstream}, {})
+    storage = get_default_result_storage(_sync=True)
+    if not isinstance(storage, LocalFileSystem):
+        return None
+    record = Path(storage.basepath).expanduser() / key
+    if not record.is_file() or not results.written_by_us(record.read_bytes()):
+        return None
+    found = ResultStore(result_storage=storage, serializer=results.PlainJSON()).read(key).result
+    return found if isinstance(found, StageResult) and found.intact() else None
 
 
 def run(name: str, cfg: PipelineConfig, root: str, upstream: list[StageResult], parent_run_id: str | None) -> StageResult:

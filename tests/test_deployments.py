@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +25,8 @@ from tests.conftest import REPO, TINY, make_project
 pytestmark = pytest.mark.slow
 
 LABELING = {"human": {"session_size": 3, "timeout_s": 300}}
+DEPLOYMENTS = ("rlhf-pipeline/scheduled", "rlhf-pipeline/manual", "rlhf-label/human", "rlhf-promote/manual",
+               "rlhf-stage/pretrain-sft", "rlhf-stage/reward", "rlhf-stage/rl")
 
 
 def _free_port() -> int:
@@ -34,7 +37,7 @@ def _free_port() -> int:
 
 class API:
     def __init__(self, port: int):
-        self.base = f"http://127.0.0.1:{port}/api"
+        self.port, self.base = port, f"http://127.0.0.1:{port}/api"
 
     def call(self, method: str, path: str, body: dict | None = None):
         data = json.dumps(body).encode() if body is not None else None
@@ -102,12 +105,15 @@ def dpo_run(operated):
 
 
 def test_stack_is_up_once_and_the_schedule_has_upcoming_runs(operated):
-    api, _, up_again, _ = operated
+    api, _, up_again, state = operated
     again = up_again()
     assert all("started" not in line and "created" not in line for line in again)
     assert "deployments: up to date" in again
-    for name in ("rlhf-pipeline/manual", "rlhf-label/human", "rlhf-stage/rlhf-gpu", "rlhf-promote/manual"):
-        assert api.deployment(name)["work_pool_name"] == ("rlhf-gpu" if "gpu" in name else "rlhf-cpu")
+    for name in DEPLOYMENTS:
+        assert api.deployment(name)["work_pool_name"] == ("rlhf-gpu" if name.startswith("rlhf-stage/") else "rlhf-cpu")
+    listed = subprocess.run([str(stack.BIN / "prefect"), "deployment", "ls"], capture_output=True, text=True,
+                            env={**stack.environment(state, api.port, 0), "COLUMNS": "250"}, check=True).stdout
+    assert all(name in listed for name in DEPLOYMENTS), listed  # both `manual`s, each under its flow
     scheduled = api.deployment("rlhf-pipeline/scheduled")
     assert scheduled["global_concurrency_limit"]["limit"] == 1, scheduled
     deadline, upcoming = time.monotonic() + 60, []
@@ -122,10 +128,12 @@ def test_stack_is_up_once_and_the_schedule_has_upcoming_runs(operated):
 
 def test_manual_trigger_runs_training_stages_as_subflows_on_the_gpu_pool(operated, dpo_run):
     api, project, _, _ = operated
-    subflows = api.call("POST", "/flow_runs/filter", {
-        "deployments": {"id": {"any_": [api.deployment("rlhf-stage/rlhf-gpu")["id"]]}},
-    })
-    assert sorted(run["name"] for run in subflows) == ["pretrain", "reward", "rl", "sft"]
+    groups = {"pretrain-sft": ["pretrain", "sft"], "reward": ["reward"], "rl": ["rl"]}  # one deployment per group
+    subflows = []
+    for group, stages in groups.items():
+        runs = api.call("POST", "/flow_runs/filter", {"deployments": {"id": {"any_": [api.deployment(f"rlhf-stage/{group}")["id"]]}}})
+        assert sorted(run["name"] for run in runs) == stages
+        subflows += runs
     assert {run["work_pool_name"] for run in subflows} == {"rlhf-gpu"}
     assert all(run["parent_task_run_id"] and run["state_type"] == "COMPLETED" for run in subflows)
     assert dpo_run["work_pool_name"] == "rlhf-cpu"
@@ -182,3 +190,25 @@ def test_human_labeling_refuses_invalid_answers_and_survives_a_killed_worker(ope
     assert len(read_jsonl(session / "pairs.jsonl")) == 3 * 6  # K(K-1)/2 per ranking
     assert json.loads((session / "validation.json").read_text())["success"]
     assert (session / "pairs.jsonl.dvc").is_file()
+
+
+def test_an_online_round_takes_its_fresh_labels_from_people_in_the_ui(operated, dpo_run):
+    """rl.rounds=2 with label.labeler=human: between the rounds the rl stage (deployment rlhf-stage/rl,
+    on the gpu worker) pauses on the labeling form for each prompt; the answers are the round's labels."""
+    api, project, _, _ = operated
+    overrides = {"rl": {"algorithm": "dpo", "rounds": 2, "round_prompts": 3}, "label": {"labeler": "human"}}
+    config = load_config(REPO / "params.yaml", {**TINY, **LABELING, **overrides}).model_dump(mode="json")
+    run_id = api.trigger("rlhf-stage/rl", {"name": "rl", "config": config, "root": str(project), "upstream": []})
+    asked = 0
+    while (run := api.wait(run_id, {"PAUSED", "COMPLETED"}, timeout=600))["state_type"] == "PAUSED":
+        assert f"Item {asked + 1}" in api.question(run) and "Rank the completions" in api.question(run)
+        api.call("POST", f"/flow_runs/{run_id}/resume", {"run_input": {"annotator": "ann", "ranking": [4, 3, 2, 1]}})
+        asked += 1
+    assert asked == 3 and run["work_pool_name"] == "rlhf-gpu"
+    (labels,) = (project / "data/preferences/human").glob("seed-*/labels.jsonl")
+    assert [row["ranking"] for row in read_jsonl(labels)] == [[4, 3, 2, 1]] * 3
+    tracking.configure(project, "rlhf-pipeline")
+    client = MlflowClient()
+    (rl_run,) = client.search_runs([client.get_experiment_by_name("rlhf-pipeline").experiment_id],
+                                   "tags.`rlhf.stage` = 'rl'", order_by=["attributes.start_time DESC"], max_results=1)
+    assert rl_run.data.metrics["round1_human/answered"] == 3 and rl_run.data.metrics["round1_human/pairs"] == 18

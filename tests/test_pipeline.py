@@ -10,6 +10,7 @@ import math
 import mlflow
 import pytest
 import yaml
+from mlflow.entities import ViewType
 from mlflow.tracking import MlflowClient
 
 from components.pipeline.layout import PATHS, STAGES
@@ -39,11 +40,11 @@ def lock_hashes(root) -> dict[str, str]:
     return {out["path"]: out["md5"] for stage in lock["stages"].values() for out in stage.get("outs", [])}
 
 
-def _runs(root, **filters) -> list:
+def _runs(root, view=ViewType.ACTIVE_ONLY, **filters) -> list:
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("rlhf-pipeline")
     query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in filters.items())
-    return client.search_runs([experiment.experiment_id], filter_string=query, max_results=500)
+    return client.search_runs([experiment.experiment_id], filter_string=query, run_view_type=view, max_results=500)
 
 
 def test_flow_reports_every_evaluation_metric(pipeline_run):
@@ -53,6 +54,19 @@ def test_flow_reports_every_evaluation_metric(pipeline_run):
     assert 0.0 <= outcome["metrics"]["eval/gold_win_rate_vs_sft"] <= 1.0
     on_disk = json.loads((root / PATHS["eval_metrics"]).read_text())
     assert on_disk == pytest.approx(outcome["metrics"])
+
+
+def test_the_ui_shows_the_progress_of_each_trainer_and_rl_loop_while_it_runs(pipeline_run):
+    """Each stage's bars (components/progress.py) are Prefect progress artifacts, updated to 100%."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])))
+    final = {a.key: a for a in sorted(artifacts, key=lambda a: a.updated)}  # the last update of each key
+    for key in ("pretrain-sft-progress", "sft-sft-progress", "reward-reward-progress", "rl-ppo-progress"):
+        assert key in final, sorted(final)
+        assert final[key].data == 100.0 and " of " in final[key].description
 
 
 def test_mlflow_has_parent_run_with_one_nested_run_per_stage(pipeline_run):
@@ -119,11 +133,13 @@ def test_rerun_skips_every_unchanged_stage(pipeline_run):
 
     root, cfg, first = pipeline_run
     stage_runs_before = len(_runs(root)) - len(_runs(root, **{"rlhf.stage": "pipeline"}))
-    parents_before = len(_runs(root, **{"rlhf.stage": "pipeline"}))
+    parents_before = len(_runs(root, ViewType.ALL, **{"rlhf.stage": "pipeline"}))
     second = rlhf_pipeline(config=cfg, root=str(root))
     stage_runs_after = len(_runs(root)) - len(_runs(root, **{"rlhf.stage": "pipeline"}))
     assert stage_runs_after == stage_runs_before  # no stage ran again
-    assert len(_runs(root, **{"rlhf.stage": "pipeline"})) == parents_before  # and no empty parent run
+    # and no empty parent run: none was created (not even one deleted afterwards)
+    assert len(_runs(root, ViewType.ALL, **{"rlhf.stage": "pipeline"})) == parents_before
+    assert second["parent_run_id"] is None
     assert second["metrics"] == first["metrics"]
     assert second["promotion"]["version"] == first["promotion"]["version"]  # not registered twice
 

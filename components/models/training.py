@@ -28,7 +28,7 @@ from typing import Callable, Protocol
 
 import torch
 from accelerate import Accelerator, PartialState
-from tqdm.auto import tqdm
+from components.progress import Bar
 
 from components.sections import TrainerConfig
 
@@ -175,7 +175,7 @@ def train_loop(
         start, epoch_totals = state["step"], state["epoch_totals"]
 
     model.train()
-    progress = tqdm(
+    progress = Bar(
         total=total_steps, initial=start, desc=description, disable=not accelerator.is_local_main_process or None
     )
     step = 0

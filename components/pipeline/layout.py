@@ -35,6 +35,9 @@ PATHS = {
 # In a stage's params: the section of the RL method `rl.algorithm` names (components/rl/), so a
 # stage reads, and is keyed by, only the chosen method's settings.
 METHOD_SECTION = "<rl.algorithm>"
+# In a stage's params: the `human` section when `label.labeler` is human (the label stage's and
+# online rounds' labeler), so a session's size, mode or timeout keys those stages' cache too.
+HUMAN_SECTION = "<human labeler>"
 
 
 @dataclass(frozen=True)
@@ -51,13 +54,16 @@ STAGES = (
     Stage("pretrain", ("seed", "base"), ("corpus",), ("base",)),
     Stage("sft", ("seed", "sft", "base"), ("candidates", "base"), ("demonstrations", "sft")),
     Stage("collect", ("seed", "collect", "sampling", "label", "data"), ("prompts", "sft"), ("samples",)),
-    Stage("label", ("seed", "task", "label", "annotators", "data", "judge", "rlaif"), ("samples", "sft"), ("preferences",)),
+    Stage(
+        "label", ("seed", "task", "label", "annotators", "data", "judge", "rlaif", HUMAN_SECTION), ("samples", "sft"),
+        ("preferences",),
+    ),
     Stage("validate", ("data", "base"), ("preferences", "sft"), (), ("validation",)),
     Stage("reward", ("seed", "reward", "base"), ("prompts", "preferences", "validation", "sft"), ("reward",)),
     Stage(
         "rl",
         ("seed", "task", "rl", METHOD_SECTION, "base", "sampling", "collect", "label", "annotators", "reward", "judge",
-         "rlaif"),
+         "rlaif", HUMAN_SECTION),
         ("prompts", "sft", "reward", "preferences"),
         ("policy", "trace"),
     ),
@@ -74,7 +80,8 @@ def stage_params(cfg, name: str) -> list[str]:
     from components import rl
 
     section = rl.METHODS[cfg.rl.algorithm].section
-    keys = [section if key == METHOD_SECTION else key for key in STAGE_BY_NAME[name].params]
+    marked = {METHOD_SECTION: section, HUMAN_SECTION: "human" if cfg.label.labeler == "human" else None}
+    keys = [marked.get(key, key) for key in STAGE_BY_NAME[name].params]
     return [key for key in keys if key]
 
 

@@ -10,8 +10,10 @@ stages are in components/pipeline/policy_stages.py.
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -25,7 +27,7 @@ from components.data import validation
 from components.data.records import PreferencePair, Sample
 from components.files import content_hash, read_jsonl, write_json, write_jsonl
 from components.models import lm
-from components.models.training import NonFiniteError
+from components.models.training import NonFiniteError, no_logging
 from components.pipeline import judging, tracking
 from components.pipeline.layout import PATHS, STAGE_BY_NAME, Artifact, StageResult, stage_params
 from components.tasks import chat
@@ -104,6 +106,8 @@ def pretrain(cfg: PipelineConfig, root: str, log) -> Outcome:
         demos = [sft.Demonstration("", doc) for doc in documents]
         metrics = sft.train(model, tokenizer, demos, base.max_length, base, cfg.seed, log, checkpoints(root, "pretrain"))
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
+    if _helper_process():
+        return Outcome(metrics)
     lm.save_policy(model, tokenizer, path(root, "base"))
     return Outcome(metrics, tracking.log_transformers_model(model, tokenizer, "text-generation", "Base language model"))
 
@@ -116,13 +120,16 @@ def supervised_fine_tune(cfg: PipelineConfig, root: str, log) -> Outcome:
     )
     if not demos:
         raise StageError(f"sft: no demonstration left after curation ({dropped}); see the sft section's bounds")
-    write_jsonl(path(root, "demonstrations"), [{"prompt": d.prompt, "response": d.response} for d in demos])
+    if not _helper_process():
+        write_jsonl(path(root, "demonstrations"), [{"prompt": d.prompt, "response": d.response} for d in demos])
     model, tokenizer = lm.load_policy(path(root, "base"))
     metrics = sft.train(
         model, tokenizer, demos, min(cfg.base.max_length, lm.context_length(model)), cfg.sft, cfg.seed, log,
         checkpoints(root, "sft"), packing=cfg.sft.packing, chat_template=cfg.sft.chat_template,
     )
     metrics.update({"demonstrations": len(demos), **{f"dropped_{k}": v for k, v in dropped.items()}})
+    if _helper_process():
+        return Outcome(metrics)
     lm.save_policy(model, tokenizer, path(root, "sft"))
     return Outcome(metrics, tracking.log_transformers_model(model, tokenizer, "text-generation", "SFT policy"))
 
@@ -189,7 +196,10 @@ def label(cfg: PipelineConfig, root: str, log) -> Outcome:
     report = path(root, "preferences").parent / "report.json"
     if report.is_file() and not chosen.needs_samples:
         mlflow.log_artifact(str(report))
-    pairs = _rendered(cfg, pairs, path(root, "preferences").parent / "quarantine.jsonl")
+    quarantine = path(root, "preferences").parent / "quarantine.jsonl"
+    if chosen.needs_samples:  # no ingest wrote it this run: start it afresh, not after a killed run's entries
+        quarantine.unlink(missing_ok=True)
+    pairs = _rendered(cfg, pairs, quarantine)
     if cfg.data.max_pairs and len(pairs) > cfg.data.max_pairs:
         kept = set(random.Random(cfg.seed).sample(range(len(pairs)), cfg.data.max_pairs))
         pairs = [pair for i, pair in enumerate(pairs) if i in kept]
@@ -234,7 +244,8 @@ def train_reward_model(cfg: PipelineConfig, root: str, log) -> Outcome:
     """The reward source: a programmatic reward (`reward.function`), or a reward model trained on
     the preference set from the SFT policy or `reward.backbone`."""
     out = path(root, "reward")
-    shutil.rmtree(out, ignore_errors=True)
+    if not _helper_process():
+        shutil.rmtree(out, ignore_errors=True)
     _, policy_tokenizer = lm.load_policy(path(root, "sft"))
     if cfg.reward.function:
         rewards.save_function_spec(out, cfg.reward.function)
@@ -250,6 +261,8 @@ def train_reward_model(cfg: PipelineConfig, root: str, log) -> Outcome:
         model, tokenizer = reward_model.load(path(root, "sft")), policy_tokenizer
     metrics = reward_model.train(model, tokenizer, train_pairs, cfg.reward, cfg.seed, log, checkpoints(root, "reward"))
     metrics["eval_accuracy"] = reward_model.accuracy(model, tokenizer, eval_pairs)
+    if _helper_process():
+        return Outcome(metrics)
     rewards.RewardModel(model, tokenizer, text=bool(cfg.reward.backbone)).save(out)
     description = f"Reward model ({cfg.reward.loss} loss)"
     return Outcome(metrics, tracking.log_transformers_model(model, tokenizer, "text-classification", description))
@@ -296,9 +309,43 @@ def params_of(cfg: PipelineConfig, name: str) -> dict:
     return {key: dumped[key] for key in stage_params(cfg, name)}
 
 
-def run_stage(name: str, cfg: PipelineConfig, root: str | Path, parent_run_id: str | None = None) -> StageResult:
-    """Run one stage under `root`, recorded as an MLflow run; returns its outputs and metrics."""
+HOLD_VARIABLE = "RLHF_TEST_HOLD_STAGE"  # set only by tests/test_faults.py
+
+
+def _hold_for_a_fault_test(name: str, checkpoint_folder: Path) -> None:
+    """For the kill -9 test only: with RLHF_TEST_HOLD_STAGE=NAME, stage NAME stops once it has
+    written its outputs, before it records them and its MLflow run ends, touches
+    `checkpoints/NAME/held` and waits there to be killed. A stage that runs for a fraction of a
+    second could not otherwise be caught mid-stage reliably; this is the moment a kill does most
+    harm to a stage that has no checkpoints (outputs on disk, the stage not finished)."""
+    if os.environ.get(HOLD_VARIABLE) == name:
+        (checkpoint_folder / "held").touch()
+        time.sleep(3600)
+
+
+def _helper_process() -> bool:
+    """Under `accelerate launch` (components/pipeline/launch.py), a process other than the main
+    one: it trains with the others, but records nothing and writes no output."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
+
+
+def _wait_for_every_process() -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        # initialised as the trainers' Accelerator is (components/models/training.py): the first one counts
+        PartialState(cpu=not torch.cuda.is_available()).wait_for_everyone()
+
+
+def run_stage(name: str, cfg: PipelineConfig, root: str | Path, parent_run_id: str | None = None) -> StageResult | None:
+    """Run one stage under `root`, recorded as an MLflow run; returns its outputs and metrics (None
+    in the helper processes of a launched stage, which only train)."""
     stage, root = STAGE_BY_NAME[name], str(root)
+    if _helper_process():
+        _wait_for_every_process()  # the main process has prepared the checkpoint folder
+        torch.manual_seed(cfg.seed)
+        _implementations()[name](cfg, root, no_logging)
+        return None
     inputs = config_inputs(name, cfg)
     for dep in stage.deps:
         try:
@@ -309,12 +356,14 @@ def run_stage(name: str, cfg: PipelineConfig, root: str | Path, parent_run_id: s
     torch.manual_seed(cfg.seed)
     params = params_of(cfg, name)
     checkpoint_folder = _prepare_checkpoints(root, name, params, inputs)
+    _wait_for_every_process()
     with tracking.stage_run(name, params, inputs, root, parent_run_id) as run:
         try:
             log = tracking.metric_logger("train", checkpoint_folder / tracking.METRICS_JOURNAL)
             outcome = _implementations()[name](cfg, root, log)
         except NonFiniteError as error:
             raise StageError(str(error)) from error
+        _hold_for_a_fault_test(name, checkpoint_folder)
         outputs = [Artifact.of(root, key) for key in stage.outs + stage.metrics]
         mlflow.log_metrics({key: float(value) for key, value in outcome.metrics.items()})
         tracking.log_outputs(outputs)

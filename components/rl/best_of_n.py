@@ -22,7 +22,7 @@ import random
 from typing import NamedTuple
 
 import torch
-from tqdm.auto import tqdm
+from components.progress import Bar
 from pydantic import Field
 
 from components.models import lm
@@ -72,7 +72,7 @@ def sample_scored(
     policy.eval()
     per_batch = max(1, sampling.batch_size // n)
     samples: list[Sample] = []
-    for start in tqdm(range(0, len(prompts), per_batch), desc=f"best-of-{n} sampling", unit="batch"):
+    for start in Bar(range(0, len(prompts), per_batch), desc=f"best-of-{n} sampling", unit="batch"):
         batch = rollout.generate(policy, tokenizer, prompts[start : start + per_batch], n, sampling)
         scores = rollout.score(reward, batch, missing_eos_penalty).tolist()
         samples.extend(map(Sample, batch.prompts, batch.completions, batch.ended_with_eos, scores))

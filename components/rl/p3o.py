@@ -32,7 +32,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from components.progress import Bar
 from pydantic import Field
 
 from components.models import checkpoint, lm
@@ -242,7 +242,7 @@ def train(run: RLInputs, version: str) -> tuple[torch.nn.Module, dict]:
         start, metrics = state["step"], state["metrics"]
         buffer.load_state_dict(state["buffer"])
         checkpoint.set_random_state(rng, state["rng"])
-    for step in tqdm(range(start, cfg.steps), desc="p3o", total=cfg.steps, initial=start, unit="iteration"):
+    for step in Bar(range(start, cfg.steps), desc="p3o", total=cfg.steps, initial=start, unit="iteration"):
         # 1. rollout: two responses per prompt
         batch_prompts = rng.sample(prompts, k=min(cfg.batch_size, len(prompts)))
         experience = collect(policy, ref_policy, reward, tokenizer, batch_prompts, 2, sampling, cfg.missing_eos_penalty)

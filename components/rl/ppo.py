@@ -24,7 +24,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
+from components.progress import Bar
 from pydantic import Field, model_validator
 
 from components.models import checkpoint, lm
@@ -292,7 +292,7 @@ def train(run: RLInputs) -> tuple[torch.nn.Module, dict]:
         state, _ = restored
         start, kl_controller.value, metrics = state["step"], state["kl_coef"], state["metrics"]
         checkpoint.set_random_state(rng, state["rng"])
-    for step in tqdm(range(start, cfg.steps), desc="ppo", total=cfg.steps, initial=start, unit="iteration"):
+    for step in Bar(range(start, cfg.steps), desc="ppo", total=cfg.steps, initial=start, unit="iteration"):
         # 1. rollout. Models stay in eval mode throughout: dropout would make the update's
         # log-probs differ from the rollout's at ratio 1 and bias clipping.
         batch_prompts = rng.sample(prompts, k=min(cfg.batch_size, len(prompts)))

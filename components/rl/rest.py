@@ -28,7 +28,7 @@ from __future__ import annotations
 import random
 
 import torch
-from tqdm.auto import tqdm
+from components.progress import Bar
 from pydantic import Field, model_validator
 
 from components.rl.base import RLInputs
@@ -78,7 +78,7 @@ def train(run: RLInputs) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(seed)
     rng = random.Random(seed)
     metrics: dict = {}
-    for grow in tqdm(range(cfg.grow_steps), desc="rest grow steps", unit="grow"):
+    for grow in Bar(range(cfg.grow_steps), desc="rest grow steps", unit="grow"):
         grow_prompts = rng.sample(prompts, k=min(cfg.n_prompts, len(prompts)))
         samples = sample_scored(policy, reward, tokenizer, grow_prompts, cfg.n_samples, sampling, cfg.missing_eos_penalty)
         scores = torch.tensor([s.score for s in samples])
