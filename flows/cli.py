@@ -19,20 +19,27 @@ crash or kill, resumes from there. DIR may not be the project root, one of the p
 folders or an existing folder it did not write, unless `--force`. On several GPUs or CPU processes
 start it with `accelerate launch --multi_gpu --num_processes N -m flows.cli train ...`.
 
-The configuration is validated before anything runs; a bad key, type or file stops the command
-with one message naming it (exit code 2). `rlhf data` needs no Prefect: `ingest` writes
+The configuration is validated before anything runs. `rlhf data` needs no Prefect: `ingest` writes
 DIR/pairs.jsonl, DIR/quarantine.jsonl, DIR/report.json and DIR/data_docs/ (see
-components/preferences.py) and fails (exit code 1) only when the share of quarantined rows exceeds
-data.max_invalid_fraction (then DIR keeps its previous outputs, this ingest's are in DIR/rejected/),
-or when the source cannot be read at all. Bad data exits 1 with a message naming file, row and
-field; a busy project folder (`run`, `compare`, `stage`: one at a time), an output folder that
-cannot or must not be written and a bad configuration exit 2 with one line.
+components/preferences.py), listing what it quarantined on stdout, and fails only when the share of
+quarantined rows exceeds data.max_invalid_fraction (then DIR keeps its previous outputs, this
+ingest's are in DIR/rejected/), or when the source cannot be read at all.
+
+Exit codes: 0 done; 2 for every error the user can fix, each printed as exactly one line on stderr
+(`KIND error: ...`; several problems of one kind joined with "; "): bad arguments, a bad
+configuration (every problem listed), bad data (an unreadable source, too many quarantined rows,
+rows a trainer refuses, naming file, row and field, a failed validation), a model that cannot be
+loaded, an output folder that cannot or must not be written, a busy project folder (`run`,
+`compare`, `stage`: one at a time) and a stage that stops on its input or settings. `rlhf promote`
+exits 1 when the gate keeps a version from champion. Anything else is a bug: a traceback, exit 1.
+(`rlhf run` and `compare` also log the Prefect flow's progress; the error is the last line.)
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import logging
 import os
 import sys
 from pathlib import Path
@@ -50,6 +57,25 @@ PROJECT_FOLDERS = ("checkpoints", "mlflow", ".dvc", ".git", ".prefect", "dvc-rem
 OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM}
 
 
+def one_line(text: object) -> str:
+    """A message on one line: its lines, stripped, joined with "; " (several problems of one kind)."""
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _fail(kind: str, error: object) -> int:
+    """Report a user-facing error as one line on stderr; its exit code, 2."""
+    print(f"{kind} error: {one_line(error)}", file=sys.stderr)
+    return 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, its errors on one line (not the usage text first) with exit code 2."""
+
+    def error(self, message: str):
+        print(f"usage error: {self.prog}: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _common_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--config", help="YAML configuration (default: ROOT/params.yaml when present)")
     command.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -58,7 +84,7 @@ def _common_options(command: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf", description="RLHF pipeline: Prefect flows, MLflow runs, DVC data.")
+    parser = _Parser(prog="rlhf", description="RLHF pipeline: Prefect flows, MLflow runs, DVC data.")
     commands = parser.add_subparsers(dest="command", required=True)
     _common_options(commands.add_parser("run", help="run the whole pipeline as a Prefect flow"))
     compare = commands.add_parser("compare", help="run the pipeline once per RL method; plot the KL-reward frontier")
@@ -139,10 +165,12 @@ def _registry(args, cfg: PipelineConfig) -> int:
             return 0
         if not args.version:
             raise promotion.PromotionError("give a VERSION to promote, or --rollback")
+        if cfg.judge.base_url and not args.force:  # the head-to-head asks the judge: its key may be a Secret block
+            _prefect_environment(Path(args.root).resolve())
+            judging.export_judge_key(cfg)
         outcome = promotion.promote_version(cfg, args.root, args.version, args.force, args.reason)
     except promotion.PromotionError as error:
-        print(f"promotion error: {error}", file=sys.stderr)
-        return 2
+        return _fail("promotion", error)
     verdict = "champion" if outcome["champion"] else "not promoted: " + "; ".join(outcome["reasons"])
     print(f"{name} v{outcome['version']}: {verdict}")
     return 0 if outcome["champion"] else 1
@@ -178,18 +206,15 @@ def _train(args, cfg: PipelineConfig) -> int:
     import torch
 
     if not Path(args.data).is_file():
-        print(f"data error: --data {args.data}: no such file", file=sys.stderr)
-        return 1
+        return _fail("data", f"--data {args.data}: no such file")
     refusal = None if args.force else _out_refusal(Path(args.out), Path(args.root))
     if refusal:
-        print(f"output error: --out {args.out}: {refusal} (--force to write there anyway)", file=sys.stderr)
-        return 2
+        return _fail("output", f"--out {args.out}: {refusal} (--force to write there anyway)")
     try:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / TRAIN_MARKER).touch()
     except OSError as error:
-        print(f"output error: --out {args.out}: {error.strerror}", file=sys.stderr)
-        return 2
+        return _fail("output", f"--out {args.out}: {error.strerror}")
     torch.manual_seed(cfg.seed)
     trainer = importlib.import_module({"sft": "components.trainers.sft", "reward": "components.trainers.reward_model",
                                        "dpo": "components.trainers.dpo"}[args.kind])
@@ -204,18 +229,14 @@ def _train(args, cfg: PipelineConfig) -> int:
             log = tracking.metric_logger("train", Path(args.out) / "checkpoints" / tracking.METRICS_JOURNAL)
             metrics = trainer.run(cfg, args.model, args.data, Path(args.out), log)
             mlflow.log_metrics({key: float(value) for key, value in metrics.items()})
-    except NonFiniteError as error:
-        print(f"training error: {error}", file=sys.stderr)
-        return 1
+    except NonFiniteError as error:  # the data or the settings drove the loss or weights to NaN/inf
+        return _fail("training", error)
     except (ValueError, DataError) as error:
-        print(f"data error: {error}", file=sys.stderr)
-        return 1
+        return _fail("data", error)
     except OSError as error:
         if error.errno in OUTPUT_ERRNOS:  # a full disk or a folder we may not write
-            print(f"output error: {error}", file=sys.stderr)
-            return 2
-        print(f"model error: {error}", file=sys.stderr)  # the data was read: the model failed to load
-        return 1
+            return _fail("output", error)
+        return _fail("model", error)  # the data was read: the model (--model) failed to load
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}")
     print(f"model saved to {args.out}")
@@ -238,27 +259,27 @@ def _data(args, cfg: PipelineConfig) -> int:
             report = validate_output(args.dir, cfg.data)
             print(report.summary())
             print(f"Data Docs: {Path(args.dir) / 'data_docs' / 'index.html'}")
-            return 0 if report.success else 1
+            if report.success:
+                return 0
+            return _fail("data", f"{report.source}: {len(report.failures)} of the suite's expectations failed "
+                                 f"(listed above; Data Docs in {Path(args.dir) / 'data_docs'})")
         result = ingest(args.source, args.out, cfg.data)
     except DataError as error:
-        print(f"data error: {error}", file=sys.stderr)
-        return 1
+        return _fail("data", error)
     except OSError as error:
-        print(f"output error: {error}", file=sys.stderr)
-        return 2
-    for entry in result.quarantine[:MESSAGES_SHOWN]:
-        print(f"quarantined: {entry.message()}", file=sys.stderr)
+        return _fail("output", error)
+    for entry in result.quarantine[:MESSAGES_SHOWN]:  # the report of what was set aside, not an error
+        print(f"quarantined: {one_line(entry.message())}")
     if len(result.quarantine) > MESSAGES_SHOWN:
-        print(f"quarantined: ... and {len(result.quarantine) - MESSAGES_SHOWN} more", file=sys.stderr)
+        print(f"quarantined: ... and {len(result.quarantine) - MESSAGES_SHOWN} more")
     report = result.report
     counts = (f"{report['source']} ({report['format']}): {report['rows']} rows, {report['valid_rows']} valid, "
               f"{report['quarantined_rows']} quarantined ({report['invalid_fraction']:.1%}); {report['pairs']} pairs")
     if not result.ok:
         print(f"{counts}; nothing in {args.out} replaced: quarantine.jsonl, report.json and data_docs/ are in "
               f"{Path(args.out) / REJECTED}")
-        print(f"data error: {report['invalid_fraction']:.1%} of the rows are invalid, more than "
-              f"data.max_invalid_fraction={cfg.data.max_invalid_fraction:g}", file=sys.stderr)
-        return 1
+        return _fail("data", f"{report['invalid_fraction']:.1%} of the rows of {report['source']} are invalid, more than "
+                             f"data.max_invalid_fraction={cfg.data.max_invalid_fraction:g} (nothing in {args.out} replaced)")
     print(f"{counts} -> {Path(args.out) / 'pairs.jsonl'}; quarantine.jsonl, report.json and data_docs/ beside it")
     from components.pipeline.tracking import log_ingest
     from components.pipeline.versioning import track
@@ -273,13 +294,17 @@ def _data(args, cfg: PipelineConfig) -> int:
     return 0
 
 
-def _compare(args, cfg: PipelineConfig, root: Path) -> int:
+def _methods(args) -> list[str]:
+    """`--methods` as a list; ConfigError naming what is not an RL method."""
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(rl.METHODS))
     if unknown or not methods:
-        print(f"configuration error: --methods: unknown {', '.join(unknown) or '(none given)'}; "
-              f"choose from {', '.join(rl.METHODS)}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(rl.METHODS)}")
+    return methods
+
+
+def _compare(args, cfg: PipelineConfig, root: Path) -> int:
+    methods = _methods(args)
     from flows.compare import compare_methods
 
     outcome = compare_methods(methods=methods, config=cfg, root=str(root))
@@ -295,15 +320,20 @@ def _prefect_environment(root: Path) -> None:
     """Keep Prefect's database and cached results with the project unless the user chose otherwise."""
     os.environ.setdefault("PREFECT_HOME", str(root / ".prefect"))
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    # the flow's logs (a failed task's traceback too) on stdout: stderr holds the one-line error alone
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_STREAM", "ext://sys.stdout")
 
 
 def main(argv: list[str] | None = None) -> int:
+    # MLflow announces on stderr that it creates a project's database: not an error
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     args = _parser().parse_args(argv)
     try:
         cfg = _config(args)
+        if args.command == "compare":
+            _methods(args)  # before the project is locked and a Prefect server started
     except ConfigError as error:
-        print(f"configuration error: {error}", file=sys.stderr)
-        return 2
+        return _fail("configuration", error)
     if args.command == "data":
         return _data(args, cfg)
     if args.command == "train":
@@ -322,9 +352,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:  # one run per project folder; what a killed one left RUNNING is marked failed
         held = lock.acquire(root, f"rlhf {args.command}")
-    except (lock.ProjectBusy, OSError) as error:
-        print(f"project busy: {error}" if isinstance(error, lock.ProjectBusy) else f"error: {error}", file=sys.stderr)
+    except lock.ProjectBusy as error:
+        print(f"project busy: {one_line(error)}", file=sys.stderr)
         return 2
+    except OSError as error:
+        return _fail("output", error)
     try:
         tracking.configure(root, cfg.experiment)
         tracking.fail_stale_runs(root, cfg.experiment)
@@ -347,12 +379,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nRLHF pipeline summary ({cfg.rl.algorithm} policy vs SFT on held-out prompts)")
         print(format_table(outcome["summary"]))
         return 0
-    except StageError as error:
-        print(f"stage failed: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # an unwritable or full project folder
-        print(f"error: {error}", file=sys.stderr)
+    except StageError as error:  # its input or settings: the message says what to fix
+        print(f"stage failed: {one_line(error)}", file=sys.stderr)
         return 2
+    except ConfigError as error:  # a deployment's overrides, checked in the flow
+        return _fail("configuration", error)
+    except OSError as error:  # an unwritable or full project folder
+        return _fail("output", error)
     finally:
         held.release()
 

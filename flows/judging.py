@@ -63,7 +63,7 @@ def serve(args) -> int:
                       args.served_model_name, args.max_batch)
     except (OSError, ValueError) as error:
         print(f"model error: {error}", file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 
@@ -98,11 +98,11 @@ def judge(args, cfg) -> int:
         ours, theirs = read_outputs(args.outputs), read_outputs(args.baseline)
     except (OSError, ValueError) as error:
         print(f"data error: {error}", file=sys.stderr)
-        return 1
+        return 2
     keys = [key for key in ours if key in theirs]
     if not keys:
         print(f"data error: no instruction of {args.outputs} is in {args.baseline}", file=sys.stderr)
-        return 1
+        return 2
     instructions = [f"{instruction}\n\n{extra}" if extra else instruction for instruction, extra in keys]
     start = time.monotonic()
     tracking.configure(args.root, cfg.experiment)
@@ -114,7 +114,7 @@ def judge(args, cfg) -> int:
                                               cfg.seed)
         except BudgetExceeded as error:
             print(f"judge error: {error}", file=sys.stderr)
-            return 1
+            return 2
         mlflow.log_metrics(as_metrics(summary, "baseline"))
         judging.log_table(results, "vs_baseline")
     summary = {key: int(value) if key not in FRACTIONS and float(value).is_integer() else value for key, value in summary.items()}

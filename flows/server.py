@@ -5,6 +5,7 @@ outlives its parent when that is killed (kill -9 gives it no chance to stop it).
 starts that server itself, the same way, but asks the kernel to stop it when its parent dies
 (Linux: PR_SET_PDEATHSIG). Then `crash_stale_runs` marks CRASHED the flow runs of the project
 that a killed process left RUNNING (call it holding the project lock: none of them is live).
+`project_run` is what the pipeline flow holds while it runs, however it was started.
 """
 
 from __future__ import annotations
@@ -64,17 +65,55 @@ def local_api():
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             yield
     finally:
+        with contextlib.suppress(Exception):  # send the run's last logs while the server is up, not at exit
+            from prefect.logging.handlers import APILogWorker
+
+            APILogWorker.drain_all(timeout=5)
         server.stop()
 
 
-def crash_stale_runs(root: str | Path) -> int:
-    """Mark CRASHED the unfinished flow runs whose `root` parameter is this project's."""
+def crash_stale_runs(root: str | Path, keep: set[str] = frozenset()) -> int:
+    """Mark CRASHED the unfinished flow runs whose `root` parameter is this project's (all but the
+    flow runs in `keep`: the caller's own and those it is nested in)."""
     root = str(Path(root).resolve())
     states = FlowRunFilterState(type=FlowRunFilterStateType(any_=UNFINISHED))
     with get_client(sync_client=True) as client:
         stale = [run for run in client.read_flow_runs(flow_run_filter=FlowRunFilter(state=states))
-                 if run.parameters.get("root") == root]
+                 if str(Path(run.parameters.get("root") or "/nonexistent").resolve()) == root and str(run.id) not in keep]
         for run in stale:
             client.set_flow_run_state(run.id, Crashed(message="its process died (found unfinished by the next run)"),
                                       force=True)
     return len(stale)
+
+
+def _own_flow_runs() -> set[str]:
+    """The flow run this code runs in and every flow run it is nested in (a subflow's parents)."""
+    from prefect import runtime
+
+    own, run_id = set(), runtime.flow_run.id
+    with get_client(sync_client=True) as client:
+        while run_id:
+            own.add(str(run_id))
+            parent_task = client.read_flow_run(run_id).parent_task_run_id
+            run_id = client.read_task_run(parent_task).flow_run_id if parent_task else None
+    return own
+
+
+@contextlib.contextmanager
+def project_run(root: str | Path, experiment: str, command: str = "rlhf-pipeline flow"):
+    """Hold the project lock of `root` for a flow run (components/pipeline/lock.py): one run per
+    project folder however it was started. Under `rlhf run`, which holds it already, this is a
+    no-op; a flow run started by a Prefect worker takes it here (ProjectBusy, naming the holder,
+    when another run holds it) and, like the CLI, first marks FAILED the project's MLflow runs and
+    CRASHED its other flow runs that a killed run left RUNNING."""
+    from components.pipeline import lock, tracking
+
+    held = lock.acquire(root, command)
+    try:
+        if not held.reentered:
+            tracking.configure(root, experiment)
+            tracking.fail_stale_runs(root, experiment)
+            crash_stale_runs(root, keep=_own_flow_runs())
+        yield
+    finally:
+        held.release()

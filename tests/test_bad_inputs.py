@@ -2,7 +2,11 @@
 file, the row and the field where there is one) or a quarantined row, and every good row is kept.
 
 Row-level kinds share one source file per record type (good rows between the bad ones), ingested
-once; file-level kinds, trainer inputs, settings and `--out` folders are checked one by one.
+once; file-level kinds, trainer inputs, settings, `--out` folders and command lines are checked one
+by one. Every error a command reports is one line on stderr with exit code 2.
+
+With RLHF_CORPUS_REPORT=FILE the tests write there each kind they checked with what happened (the
+quarantine reason or the error message observed), one line per kind.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import codecs
 import gzip
 import json
+import os
 import re
 from pathlib import Path
 from typing import NamedTuple
@@ -24,6 +29,29 @@ from components.data.rows import read_training_file
 from components.sections import DataConfig
 from flows.cli import main
 from tests.conftest import REPO
+
+
+OBSERVED: dict[str, dict[str, str]] = {}  # section -> kind -> what happened, for RLHF_CORPUS_REPORT
+
+
+def observed(section: str, kind: str, what: str) -> None:
+    OBSERVED.setdefault(section, {})[kind] = " ".join(str(what).split())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def corpus_report():
+    """After the module: with RLHF_CORPUS_REPORT set, each kind checked and what happened."""
+    yield
+    report = os.environ.get("RLHF_CORPUS_REPORT")
+    if not report:
+        return
+    kinds = sum(len(section) for section in OBSERVED.values())
+    lines = [f"# Bad-input corpus (tests/test_bad_inputs.py): {kinds} kinds, as observed by the test run", ""]
+    for section, found in OBSERVED.items():
+        lines += [f"## {section} ({len(found)})", ""]
+        lines += [f"- {kind} — {what}" for kind, what in found.items()]
+        lines.append("")
+    Path(report).write_text("\n".join(lines), encoding="utf-8")
 
 
 def line(value) -> bytes:
@@ -90,6 +118,8 @@ ROW_CASES = [
     RowCase("unknown role", "hh", {"chosen": MSG + [{"role": "bot", "content": "x"}],
                                    "rejected": MSG + [{"role": "assistant", "content": "y"}]}, "chosen[1].role",
             "expected one of system, user, assistant"),
+    RowCase("no Assistant turn at all", "hh", {"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi there"}, "rejected",
+            "shares no conversation"),
     RowCase("last message not the assistant's", "hh", {"chosen": MSG + [{"role": "user", "content": "x"}],
                                                        "rejected": MSG + [{"role": "user", "content": "y"}]},
             "chosen[1].role", "the final message is not the assistant's"),
@@ -129,6 +159,8 @@ def test_each_bad_row_is_quarantined_with_its_row_and_field_and_good_rows_kept(r
     assert entry.message().startswith(f"{entry.file}, row {entry.row}")
     kept = {pair.prompt.removeprefix("\n\nHuman: ").removesuffix("\n\nAssistant:") for pair in result.pairs}
     assert good_prompts <= kept
+    observed(f"Rows of a JSONL file ({case.fmt} records): quarantined, good rows kept", case.kind,
+             f"quarantined: row {entry.row}, field {entry.field!r}: {entry.reason}")
 
 
 # ------------------------------------------------------------------------------- file level
@@ -156,6 +188,21 @@ FILE_CASES = {
         "bom.parquet", parquet_bytes(pa.table({"\ufeffprompt": ["a", "b"], "chosen": ["x", "y"], "rejected": ["z", "w"]})),
         {}, 2),
     "UTF-16 text": ("utf16.jsonl", jsonl(GOOD_ROWS).decode().encode("utf-16"), {}, "UTF-16 or UTF-32"),
+    "CSV row with an empty cell": ("empty.csv", (CSV_GOOD + "p,,b\r\n").encode(), {}, (5, "empty string", 3)),
+    "CSV row with too few cells": ("few.csv", (CSV_GOOD + "p,a\r\n").encode(), {}, (5, "2 cells for the 3 columns", 3)),
+    "CSV quote never closed": ("quote.csv", (CSV_GOOD + 'p,"a,b\r\n').encode(), {}, (5, "2 cells for the 3 columns", 3)),
+    "JSON array holding a number": ("number.json", json.dumps([*GOOD_ROWS, 5]).encode(), {},
+                                    (4, "not a JSON object but a number", 3)),
+    "JSON document cut off": ("cut.json", json.dumps(GOOD_ROWS).encode()[:-20], {}, (None, "not valid JSON", 0)),
+    "Parquet null text": (
+        "null.parquet", parquet_bytes(pa.table({"prompt": [r["prompt"] for r in GOOD_ROWS] + ["p"],
+                                                "chosen": [r["chosen"] for r in GOOD_ROWS] + [None],
+                                                "rejected": [r["rejected"] for r in GOOD_ROWS] + ["b"]})),
+        {}, (4, "expected a string, got null", 3)),
+    "Parquet numbers in a text column": (
+        "numbers.parquet", parquet_bytes(pa.table({"prompt": ["p"], "chosen": [1], "rejected": ["b"]})), {},
+        (1, "expected a string, got a number", 0)),
+    "not a Parquet file": ("fake.parquet", b"PAR1 not parquet", {}, (None, "Parquet magic bytes not found", 0)),
     "repeated CSV column": ("dup.csv", b"prompt,chosen,rejected,chosen\np,a,b,c\n", {}, "'chosen' appear more than once"),
     "two CSV columns mapped to one field": (
         "map.csv", b"prompt,good,chosen,rejected\np,a,b,c\n", {"fields": {"good": "chosen"}}, "ambiguous columns"),
@@ -189,18 +236,24 @@ def test_each_bad_file_is_a_clear_error_or_keeps_its_good_rows(tmp_path, name):
     source = tmp_path / file_name
     source.write_bytes(content)
     cfg = DataConfig(**{"max_invalid_fraction": 1.0, **settings})
+    section = "Files (JSONL, JSON, CSV, Parquet, gzip): a clear error, or quarantine with good rows kept"
     if isinstance(expected, str):
         with pytest.raises(DataError, match=expected) as error:
             ingest(source, tmp_path / "out", cfg)
         assert str(source) in str(error.value)
         assert not (tmp_path / "out" / "pairs.jsonl").exists()
+        observed(section, name, f"error: {str(error.value).replace(str(tmp_path) + '/', '')}")
         return
     result = ingest(source, tmp_path / "out", cfg)
     if isinstance(expected, int):
         assert (len(result.pairs), result.quarantine) == (expected, [])
+        observed(section, name, f"read correctly: all {expected} rows kept, none quarantined")
         return
     row, reason, n_pairs = expected
     assert (row, True) in [(entry.row, reason in entry.reason) for entry in result.quarantine]
+    entry = next(entry for entry in result.quarantine if entry.row == row and reason in entry.reason)
+    observed(section, name, f"quarantined: row {entry.row}, field {entry.field!r}: {entry.reason}; "
+                            f"{len(result.pairs)} good pairs kept")
     if n_pairs is None:  # a cut-off file: the rows before the cut, and one entry for the rest (its last line too)
         assert len(result.pairs) > 100 and len(result.quarantine) <= 2
         return
@@ -241,6 +294,8 @@ def test_trainers_refuse_rows_they_cannot_learn_from_naming_file_row_and_field(t
     with pytest.raises(ValueError) as error:
         read_training_file(str(source), kind, 1000)
     assert str(error.value).startswith(f"{source}, row 2, field '{field}': ") and reason in str(error.value)
+    observed("Rows a trainer refuses (rlhf train, before the model loads)", f"{name} ({kind})",
+             f"error: {str(error.value).replace(str(tmp_path) + '/', '')}")
 
 
 def test_a_tie_written_as_true_is_kept_as_a_tie(tmp_path):
@@ -270,7 +325,8 @@ def test_bad_settings_stop_with_one_message_and_exit_2(capsys, name):
         load_config(REPO / "params.yaml", [override])
     assert main(["stage", "task", "--set", override]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("configuration error:") and message in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("configuration error:") and message in err and len(err.splitlines()) == 1
+    observed("Settings (--set): exit 2, one line", f"{name} (--set {override})", err.strip())
 
 
 # --------------------------------------------------------------------------- --out folders
@@ -299,6 +355,8 @@ def test_train_refuses_an_out_folder_it_must_not_write(train_args, capsys, tmp_p
     err = capsys.readouterr().err
     assert err.startswith(f"output error: --out {tmp_path / out}") and reason in err and len(err.splitlines()) == 1
     assert (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+    observed("Output folders (rlhf train --out): exit 2, one line, nothing written", f"--out {out}",
+             err.strip().replace(str(tmp_path) + "/", "").replace(str(tmp_path), "ROOT"))
 
 
 def test_ingest_into_an_unwritable_place_is_one_line_with_exit_2(tmp_path, capsys):
@@ -307,6 +365,8 @@ def test_ingest_into_an_unwritable_place_is_one_line_with_exit_2(tmp_path, capsy
     assert main(["data", "ingest", str(source), "--out", str(source / "out"), "--root", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("output error:") and "Not a directory" in err and len(err.splitlines()) == 1
+    observed("Output folders (rlhf train --out): exit 2, one line, nothing written", "rlhf data ingest --out under a file",
+             err.strip().replace(str(tmp_path) + "/", ""))
 
 
 def test_a_failed_ingest_leaves_the_previous_outputs_and_files_its_own_in_rejected(tmp_path):
@@ -354,3 +414,75 @@ def test_data_docs_carry_no_markup_from_the_data(tmp_path):
     assert not report.success and any(3 in failure.rows for failure in report.failures)
     pages = list((tmp_path / "out" / "data_docs").rglob("*.html"))
     assert pages and not [page for page in pages if "alert(" in page.read_text()]
+
+
+# ------------------------------------------------------------------------ command lines
+
+
+@pytest.fixture
+def cli(tmp_path):
+    """Files the command-line cases refer to, under tmp_path."""
+    (tmp_path / "pairs.jsonl").write_bytes(jsonl(GOOD_ROWS))
+    (tmp_path / "mostly-bad.jsonl").write_bytes(jsonl([GOOD_ROWS[0], {"prompt": "p"}, {"prompt": "q", "chosen": ""}]))
+    (tmp_path / "tie.jsonl").write_bytes(jsonl([GOOD_ROWS[0], {**GOOD_ROWS[1], "tie": "no"}]))
+    (tmp_path / "list.yaml").write_text("- seed: 1\n")
+    (tmp_path / "broken.yaml").write_text("seed: [1\n")
+    (tmp_path / "several.yaml").write_text("seed: x\nppo:\n  stepz: 3\nbase:\n  lr: .inf\n")
+    (tmp_path / "empty-dir").mkdir()
+    (tmp_path / "long").mkdir()
+    (tmp_path / "long" / "pairs.jsonl").write_bytes(jsonl([{**GOOD_ROWS[0], "chosen": "x" * 50}]))
+    return tmp_path
+
+
+CLI_CASES = {
+    # name: (arguments, with {tmp} for the fixture's folder; the error line's start; a part of it)
+    "ingest: no such source file": (["data", "ingest", "{tmp}/nothing.jsonl", "--out", "{tmp}/out"], "data error:",
+                                    "nothing.jsonl"),
+    "ingest: too many bad rows": (["data", "ingest", "{tmp}/mostly-bad.jsonl", "--out", "{tmp}/out"], "data error:",
+                                  "66.7% of the rows of"),
+    "ingest: an unknown --format": (["data", "ingest", "{tmp}/pairs.jsonl", "--out", "{tmp}/out", "--format", "xml"],
+                                    "usage error: rlhf data ingest:", "invalid choice: 'xml'"),
+    "validate: a folder without pairs.jsonl": (["data", "validate", "{tmp}/empty-dir"], "data error:", "pairs.jsonl"),
+    "validate: pairs that fail the suite": (["data", "validate", "{tmp}/long", "--set", "data.max_chars=10"],
+                                            "data error:", "expectations failed"),
+    "train: no such --data file": (["train", "sft", "--model", "m", "--data", "{tmp}/none.jsonl", "--out", "{tmp}/o"],
+                                   "data error:", "none.jsonl: no such file"),
+    "train: a row the trainer refuses": (["train", "reward", "--model", "m", "--data", "{tmp}/tie.jsonl", "--out", "{tmp}/o"],
+                                         "data error:", "row 2, field 'tie'"),
+    "train: a --set for another section's key": (["train", "dpo", "--model", "m", "--data", "{tmp}/pairs.jsonl", "--out",
+                                                  "{tmp}/o", "--set", "dpo.nope=1"], "configuration error:", "dpo.nope: unknown key"),
+    "stage: an unknown stage": (["stage", "nope"], "usage error: rlhf stage:", "invalid choice: 'nope'"),
+    "stage: its inputs missing": (["stage", "reward"], "stage failed:", "needs data/task/prompts.jsonl"),
+    "config: a file that is not YAML": (["config", "--config", "{tmp}/broken.yaml"], "configuration error:", "not valid YAML"),
+    "config: a YAML list, not a mapping": (["config", "--config", "{tmp}/list.yaml"], "configuration error:",
+                                           "expected a mapping at the top level"),
+    "config: several problems in one file": (["config", "--config", "{tmp}/several.yaml"], "configuration error:",
+                                             "seed: Input should be a valid integer"),
+    "config: no such file": (["config", "--config", "{tmp}/missing.yaml"], "configuration error:",
+                             "configuration file not found"),
+    "--set without a value": (["config", "--set", "seed"], "configuration error:", "--set expects KEY=VALUE, got 'seed'"),
+    "--set a key below a plain value": (["config", "--set", "seed.x=1"], "configuration error:",
+                                        "seed: Input should be a valid integer"),
+    "compare: an unknown RL method": (["compare", "--methods", "ppo,magic"], "configuration error:", "unknown magic"),
+    "promote: no version given": (["promote"], "promotion error:", "give a VERSION"),
+    "an unknown command": (["launch"], "usage error: rlhf:", "invalid choice: 'launch'"),
+}
+
+
+@pytest.mark.parametrize("name", CLI_CASES)
+def test_each_bad_command_line_is_one_line_on_stderr_with_exit_2(cli, capsys, name):
+    arguments, start, part = CLI_CASES[name]
+    argv = [argument.replace("{tmp}", str(cli)) for argument in arguments] + ["--root", str(cli)]
+    try:
+        code = main(argv)
+    except SystemExit as stopped:  # argparse
+        code = stopped.code
+    captured = capsys.readouterr()
+    assert code == 2 and len(captured.err.splitlines()) == 1, captured.err
+    assert captured.err.startswith(start) and part in captured.err, captured.err
+    if name == "config: several problems in one file":
+        assert captured.err.count("; ") == 2 and "ppo.stepz: unknown key" in captured.err and "base.lr" in captured.err
+    if name == "ingest: too many bad rows":
+        assert not (cli / "out" / "pairs.jsonl").exists()  # nothing replaced
+    observed("Command lines: exit 2, exactly one line on stderr", name,
+             f"`rlhf {' '.join(arguments)}` -> {captured.err.strip().replace(str(cli) + '/', '').replace(str(cli), '{tmp}')}")

@@ -42,7 +42,7 @@ def test_bad_configuration_stops_before_any_stage(project, capsys, args, expecte
     code = main(["run", "--root", str(project), *args])
     assert code == 2
     err = capsys.readouterr().err
-    assert err.startswith("configuration error:") and expected in err
+    assert err.startswith("configuration error:") and expected in err and len(err.splitlines()) == 1
     assert not (project / "data" / "task").exists() and not (project / "models").exists()
 
 
@@ -78,9 +78,36 @@ def test_stage_entry_point_writes_its_outputs(project):
     assert {r["split"] for r in rows} == {"train", "eval"}
 
 
+def test_a_configuration_with_several_problems_is_one_line_listing_them_all(project, capsys):
+    (project / "bad.yaml").write_text("ppo:\n  steps: abc\n  stepz: 3\nbase:\n  lr: .inf\n")
+    assert main(["stage", "task", "--root", str(project), "--config", str(project / "bad.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("configuration error:")
+    assert err.count("; ") == 2 and all(f"{key}: " in err for key in ("ppo.steps", "ppo.stepz", "base.lr"))
+
+
+def test_bad_arguments_are_one_line_with_exit_2(capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["stage", "no-such-stage"])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and len(err.splitlines()) == 1
+    assert err.startswith("usage error: rlhf stage: argument name: invalid choice: 'no-such-stage'")
+
+
 def test_stage_without_its_inputs_names_the_missing_file(project, capsys):
-    assert main(["stage", "pretrain", "--root", str(project)]) == 1
-    assert f"needs {PATHS['corpus']}" in capsys.readouterr().err
+    assert main(["stage", "pretrain", "--root", str(project)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stage failed:") and f"needs {PATHS['corpus']}" in err and len(err.splitlines()) == 1
+
+
+def test_rlhf_run_stopped_by_its_input_is_one_line_on_stderr_with_exit_2(project):
+    """Through Prefect too: the flow's log (the failed task's traceback with it) goes to stdout and
+    reaches the server before it stops; stderr holds the one line."""
+    (project / "prompts.jsonl").write_text('{"prompt": "Fine."}\n{"text": "x"}\n')
+    result = rlhf("run", "--set", "task.name=dataset", "--set", "task.prompts=prompts.jsonl", cwd=project)
+    assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr[-3000:]
+    assert result.stderr.startswith("stage failed: task (dataset): task.prompts: 1 of 2 rows of prompts.jsonl are bad")
+    assert "row 2, field 'prompt': missing field" in result.stderr and "Traceback" in result.stdout
 
 
 def test_bad_preference_set_fails_validation_with_rows_named(project, capsys):
@@ -93,8 +120,9 @@ def test_bad_preference_set_fails_validation_with_rows_named(project, capsys):
     rows = [good, {**good, "pair_id": "b", "rejected": good["chosen"]}, {**good, "pair_id": "c", "chosen": ""},
             {**good, "pair_id": "d", "chosen": " liked it" + " a lot" * 40 + "."}]
     write_jsonl(project / PATHS["preferences"], rows)
-    assert main(["stage", "validate", "--root", str(project), "--set", "base.max_length=32"]) == 1
+    assert main(["stage", "validate", "--root", str(project), "--set", "base.max_length=32"]) == 2
     err = capsys.readouterr().err
+    assert err.startswith("stage failed:") and len(err.splitlines()) == 1  # each failure, joined with "; "
     assert "pairs.jsonl: 4 rows, 3 expectations failed" in err
     assert "'chosen' and 'rejected' are identical in row 1." in err
     assert "column 'chosen' is empty or longer than 20000 characters in row 2." in err

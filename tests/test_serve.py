@@ -233,7 +233,7 @@ def test_a_registered_mlflow_model_is_served_by_its_uri(reference, tmp_path, mon
 def test_serving_a_model_that_does_not_exist_fails_in_one_line(tmp_path, capsys):
     from flows.cli import main
 
-    assert main(["serve", str(tmp_path / "no-model"), "--root", str(tmp_path)]) == 1
+    assert main(["serve", str(tmp_path / "no-model"), "--root", str(tmp_path)]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("model error:") and len(error.splitlines()) == 1
 

@@ -76,7 +76,7 @@ def test_train_sft_names_a_bad_row_then_trains_on_the_fixed_file(tmp_path):
             "--out", str(tmp_path / "sft"), "--root", str(tmp_path), "--set", "sft.batch_size=4"]
 
     bad = subprocess.run(args, capture_output=True, text=True, env=environment())
-    assert bad.returncode == 1
+    assert bad.returncode == 2 and bad.stderr.startswith("data error:") and len(bad.stderr.splitlines()) == 1
     assert f"{tmp_path / 'demos.jsonl'}, row 6, field 'response': missing field" in bad.stderr
 
     write_jsonl(tmp_path / "demos.jsonl", rows)
@@ -118,11 +118,12 @@ def test_train_checks_the_data_before_the_model_and_an_offline_hub_id_fails_at_o
     hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"  # not a folder here, and the hub is offline
     first = subprocess.run([RLHF, "train", "sft", "--model", hub_id, "--data", str(bad), "--out", str(tmp_path / "o")],
                            capture_output=True, text=True, env=environment(), cwd=tmp_path)
-    assert first.returncode == 1 and "data error" in first.stderr and "row 2" in first.stderr and "'response'" in first.stderr
+    assert first.returncode == 2 and "data error" in first.stderr and "row 2" in first.stderr and "'response'" in first.stderr
+    assert len(first.stderr.splitlines()) == 1
 
     bad.write_text('{"prompt": "p", "response": "r"}\n')
     second = subprocess.run([RLHF, "train", "sft", "--model", hub_id, "--data", str(bad), "--out", str(tmp_path / "o")],
                             capture_output=True, text=True, env=environment(), cwd=tmp_path)
-    assert second.returncode == 1 and "model error" in second.stderr
+    assert second.returncode == 2 and second.stderr.startswith("model error:") and len(second.stderr.splitlines()) == 1
     # refused before any hub client call (which retried for 68 s before failing)
     assert hub_id in second.stderr and "offline (HF_HUB_OFFLINE=1)" in second.stderr
