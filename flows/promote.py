@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger
 
 from components.config import PipelineConfig, project_config
 from components.pipeline import promotion, tracking
+from flows.judging import export_judge_key
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,6 +26,7 @@ def rlhf_promote(
     """promote: crown VERSION past the gate (or with `force` and a `reason`); rollback: the
     champion goes back to previous-champion."""
     tracking.configure(root, config.experiment)
+    export_judge_key(config)  # the head-to-head may ask the judge: its key from a Prefect Secret block
     if action == "rollback":
         outcome = promotion.rollback(config.promotion.model_name)
     elif version is None:

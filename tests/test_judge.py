@@ -126,6 +126,26 @@ def test_pairwise_verdict_from_top_logprobs_at_the_answer_token():
     assert templates.parse_pairwise("A", [{**entry, "token": "X"}]) == ("A", None)
 
 
+def test_a_one_token_answer_without_a_letter_is_the_forced_choice_among_its_alternatives():
+    # what SmolLM2 does with max_tokens=1: it starts a sentence, the letters are among the alternatives
+    entry = {"token": "###", "logprob": -2.2, "top_logprobs": [
+        {"token": "###", "logprob": -2.2}, {"token": "The", "logprob": -2.4}, {"token": "A", "logprob": -2.7},
+        {"token": " B", "logprob": -3.5}]}
+    verdict, p_a = templates.parse_pairwise("###", [entry])
+    assert verdict == "A" and p_a == pytest.approx(math.exp(-2.7) / (math.exp(-2.7) + math.exp(-3.5)))
+    # no letter among the alternatives, a longer answer, or no logprobs: unparsable as before
+    assert templates.parse_pairwise("###", [{**entry, "top_logprobs": entry["top_logprobs"][:2]}]) == ("unparsable", None)
+    two_tokens = [{**entry, "token": "The"}, {**entry, "token": " first"}]
+    assert templates.parse_pairwise("The first", two_tokens) == ("unparsable", None)
+    assert templates.parse_pairwise("###") == ("unparsable", None)
+    # a pointwise one-token answer with no digit: the expected grade over the digits offered
+    grade = {"token": "R", "logprob": -1.0, "top_logprobs": [
+        {"token": "R", "logprob": -1.0}, {"token": "1", "logprob": math.log(0.3)},
+        {"token": "5", "logprob": math.log(0.1)}]}
+    assert templates.parse_grade("R", [grade]) == pytest.approx((1 * 0.3 + 5 * 0.1) / 0.4)
+    assert templates.parse_grade("R", [{**grade, "top_logprobs": grade["top_logprobs"][:1]}]) is None
+
+
 def test_grades_from_text_and_from_logprobs():
     assert templates.parse_grade("Rating: [[7]]") == 7.0
     assert templates.parse_grade("I give it 10 out of 10") == 10.0
@@ -228,7 +248,7 @@ def test_rlhf_judge_writes_judgments_and_summary_and_never_the_key(tmp_path, tem
     ([], 2, "configuration error: judge.base_url is not set"),
     (["--set", "judge.base_url=http://127.0.0.1:9/v1", "--set", "judge.template=no-such-template"], 2,
      "configuration error: judge template 'no-such-template'"),
-    (["--set", "judge.base_url=http://127.0.0.1:9/v1"], 1, "data error"),
+    (["--set", "judge.base_url=http://127.0.0.1:9/v1"], 2, "data error"),
 ])
 def test_rlhf_judge_reports_bad_settings_in_one_line(tmp_path, capsys, options, code, message):
     from flows.cli import main

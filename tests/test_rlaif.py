@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -96,3 +97,38 @@ def test_the_pipeline_labels_with_ai_feedback_learns_and_is_judged_without_writi
     for stage in results.values():
         data = client.get_run(stage.run_id).data
         assert KEY not in json.dumps(data.params) + json.dumps(data.tags)
+
+
+def test_a_stage_on_the_gpu_pool_gets_the_judge_key_from_its_secret_block_and_writes_it_nowhere(
+    prefect_api, tmp_path, monkeypatch, caplog, capsys
+):
+    """The rlhf-stage flow (what a GPU-pool worker runs, in its own process) loads the Secret block
+    named by judge.api_key_secret into judge.api_key_env at its start; the key is no parameter."""
+    from prefect import get_client
+    from prefect.blocks.system import Secret
+
+    from components.config import load_config
+    from flows.gpu import rlhf_stage
+
+    variable, secret_key = "RLHF_TEST_GPU_JUDGE_KEY", "sk-secret-block-key-for-the-gpu-pool"
+    monkeypatch.delenv(variable, raising=False)
+    Secret(value=secret_key).save("rlhf-test-judge-key", overwrite=True)
+    judge = {"api_key_env": variable, "api_key_secret": "rlhf-test-judge-key"}
+    cfg = load_config(REPO / "params.yaml", {**TINY, "judge": judge})
+    caplog.set_level(logging.INFO)
+    root = tmp_path / "project"
+    root.mkdir()
+    state = rlhf_stage(name="task", config=cfg, root=str(root), upstream=[], return_state=True)
+    assert state.is_completed(), state
+    assert os.environ[variable] == secret_key  # in this process, as in the worker's
+    with get_client(sync_client=True) as client:  # the run's parameters, its Prefect artifacts and logs
+        parameters = client.read_flow_run(state.state_details.flow_run_id).parameters
+        artifacts = [artifact.model_dump_json() for artifact in client.read_artifacts()]
+        logs = [log.message for log in client.read_logs()]
+    assert "rlhf-test-judge-key" in json.dumps(parameters) and secret_key not in json.dumps(parameters, default=str)
+    assert logs and not any(secret_key in text for text in artifacts + logs)
+    printed = capsys.readouterr()
+    assert secret_key not in printed.out + printed.err + caplog.text
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert secret_key.encode() not in path.read_bytes(), path

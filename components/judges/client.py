@@ -34,6 +34,11 @@ from components.judges import templates
 from components.sections import JudgeConfig
 
 
+# alternatives asked for at each answer token (OpenAI's maximum): with a one-token answer that is no
+# letter, A and B are then nearly always among them (templates.py, the forced choice)
+TOP_LOGPROBS = 20
+
+
 class BudgetExceeded(RuntimeError):
     """The token budget (`judge.budget_tokens`) is spent; judgments made so far are cached."""
 
@@ -98,7 +103,8 @@ class JudgeClient:
         )
 
     def key(self, fields: dict[str, str], order: str) -> str:
-        settings = [self.cfg.model, self.cfg.temperature, self.max_tokens, self.cfg.logprobs]  # what shapes an answer
+        # what shapes an answer
+        settings = [self.cfg.model, self.cfg.temperature, self.max_tokens, self.cfg.logprobs and TOP_LOGPROBS]
         content = [self.template.text(), *settings, order, sorted(fields.items())]
         return hashlib.sha256(json.dumps(content).encode()).hexdigest()
 
@@ -120,7 +126,7 @@ class JudgeClient:
         return answer
 
     def _request(self, messages: list[dict]) -> Answer:
-        extra = {"logprobs": True, "top_logprobs": 5} if self.cfg.logprobs else {}
+        extra = {"logprobs": True, "top_logprobs": TOP_LOGPROBS} if self.cfg.logprobs else {}
         answer = Answer(templates.UNPARSABLE if self.template.kind == "pairwise" else None, "")
         for _ in range(self.cfg.max_malformed + 1):
             try:

@@ -16,7 +16,10 @@ A template file holds only the user message; it is pointwise when it has `{outpu
 
 When the server returns `top_logprobs`, the verdict is read at the token that carries the letter
 (or the grade) found in the text: the more probable of A and B there (the expected grade over the
-digit tokens, for a pointwise grade), which is how AlpacaEval 2 reads GPT-4's preference.
+digit tokens, for a pointwise grade), which is how AlpacaEval 2 reads GPT-4's preference. A
+one-token answer (`judge.max_tokens=1`) that is neither letter nor grade ("The", "###": a small
+judge starting a sentence) is read the same way from its token's alternatives, when A or B (a digit)
+is among them: the forced choice between the letters; otherwise it is unparsable.
 """
 
 from __future__ import annotations
@@ -144,7 +147,7 @@ def parse_pairwise(text: str, logprobs: list[dict] | None = None) -> tuple[str, 
     else:
         match = STANDALONE.search(text)
         if not match:
-            return UNPARSABLE, None
+            return _forced_choice(text, logprobs)
         letter, offset = match.group(1), match.start(1)
     if letter == "C" or letter.lower() == "tie":
         return "tie", None
@@ -157,20 +160,43 @@ def parse_pairwise(text: str, logprobs: list[dict] | None = None) -> tuple[str, 
     return letter, None
 
 
+def _one_token(text: str, logprobs: list[dict] | None) -> dict | None:
+    """The entry of a one-token answer whose token spells `text`, else None."""
+    if logprobs and len(logprobs) == 1 and logprobs[0]["token"] == text:
+        return logprobs[0]
+    return None
+
+
+def _forced_choice(text: str, logprobs: list[dict] | None) -> tuple[str, float | None]:
+    """A one-token answer with no letter: the more probable of A and B among its alternatives."""
+    entry = _one_token(text, logprobs)
+    p_a, p_b = (_mass(entry, "A"), _mass(entry, "B")) if entry else (0.0, 0.0)
+    if p_a + p_b == 0:
+        return UNPARSABLE, None
+    share = p_a / (p_a + p_b)
+    return ("A" if share > 0.5 else "B" if share < 0.5 else "tie"), share
+
+
+def _expected_digit(entry: dict) -> float | None:
+    digits = [(int(alt["token"].strip()), math.exp(alt["logprob"])) for alt in entry.get("top_logprobs") or []
+              if alt["token"].strip() in tuple("123456789")]
+    return sum(d * p for d, p in digits) / sum(p for _, p in digits) if digits else None
+
+
 def parse_grade(text: str, logprobs: list[dict] | None = None) -> float | None:
     """A 1-10 grade: "[[N]]" first, else the first standalone number from 1 to 10; with logprobs
     at a one-digit grade, the expected grade over the digit tokens 1-9 offered there."""
     match = GRADE.search(text)
     if not match:
-        return None
+        entry = _one_token(text, logprobs)  # a one-token answer with no grade: the digits offered there
+        return _expected_digit(entry) if entry else None
     group = 1 if match.group(1) is not None else 2
     grade = float(match.group(group))
     if not 1 <= grade <= 10:
         return None
     entry = _token_at(logprobs, text, match.start(group))
     if entry is not None and entry["token"].strip() == match.group(group):
-        digits = [(int(alt["token"].strip()), math.exp(alt["logprob"])) for alt in entry.get("top_logprobs") or []
-                  if alt["token"].strip() in tuple("123456789")]
-        if digits:
-            return sum(d * p for d, p in digits) / sum(p for _, p in digits)
+        expected = _expected_digit(entry)
+        if expected is not None:
+            return expected
     return grade

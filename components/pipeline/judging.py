@@ -12,6 +12,7 @@ judge/unparsable_share, judge/position_consistency) and every judgment as a tabl
 from __future__ import annotations
 
 import os
+import time
 
 import mlflow
 import pandas as pd
@@ -50,11 +51,37 @@ def judge_rows(cfg, rows: list[dict], other: str = "sft") -> dict[str, float]:
     return as_metrics(summary, other)
 
 
+def head_to_head(
+    cfg, prompts: list[str], challenger: list[str], champion: list[str], run_id: str | None
+) -> dict[str, float]:
+    """The judge's part of promotion's head-to-head (components/pipeline/promotion.py): the
+    challenger's answers against the champion's to the same prompts, both orders; judge_win_rate
+    with its 95% interval (judge_ci_low, judge_ci_high), judge_lc_win_rate, judge_ties,
+    judge_unparsable_share and judge_position_consistency. The judgments (table
+    judge/vs_champion.json) and the eval/judge_*_vs_champion and judge/* metrics go to the
+    challenger's MLflow run `run_id`. Empty when no judge is configured."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    if not cfg.judge.base_url:
+        return {}
+    summary, results = judge_win_rate(client(cfg.judge), prompts, challenger, champion, cfg.seed)
+    if run_id:
+        mlflow_client = MlflowClient()
+        mlflow_client.log_table(run_id, pd.DataFrame(table(results)).astype({"verdict": str}), "judge/vs_champion.json")
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(value), now, 0) for key, value in as_metrics(summary, CHAMPION).items()]
+        mlflow_client.log_batch(run_id, metrics=metrics)
+    kept = ("win_rate", "ci_low", "ci_high", "lc_win_rate", "ties", "unparsable_share", "position_consistency")
+    return {f"judge_{key}": float(summary[key]) for key in kept if key in summary}
+
+
 def win_rate_vs_champion(cfg, completions_file, prompts: list[str]) -> dict[str, float]:
     """eval/judge_win_rate_vs_champion (with its interval and the length-controlled rate): the
     policy's evaluation answers (the evaluate stage's completions file) against the answers of the
     registry's current champion to the same prompts, sampled with the evaluate stage's settings.
-    Empty when no judge is configured or there is no champion yet; for promotion to call."""
+    Empty when no judge is configured or there is no champion yet. (Promotion's own head-to-head asks
+    the judge through `head_to_head` above, on the answers it samples from both registered versions.)"""
     from mlflow.exceptions import MlflowException
 
     from components import serving

@@ -3,7 +3,12 @@
 The gate has two parts: the evaluation thresholds against SFT (`gate`), and a head-to-head
 against the current champion, both answering the same held-out prompts, scored by the task's gold
 scorer (or the reward model for a task without one): the challenger's win-rate must exceed
-`promotion.head_to_head_margin`; its 95% Wilson interval is recorded with it. The champion it
+`promotion.head_to_head_margin`; its 95% Wilson interval is recorded with it. With a judge
+configured (`judge.base_url`), the same answers also go to the LLM judge in both orders: its
+win-rate against the champion, 95% bootstrap interval and length-controlled win-rate are tags of
+the version (`head_to_head.judge_*`) and metrics of its run (`eval/judge_win_rate_vs_champion`,
+with the judgments as the table judge/vs_champion.json); it gates only when
+`promotion.judge_margin` is set (the judge's win-rate must then exceed it too). The champion it
 replaces keeps the alias `previous-champion`, which `rollback` restores.
 """
 
@@ -48,9 +53,13 @@ def wilson(rate: float, n: int, z: float = 1.96) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def head_to_head(cfg, root: str | Path, challenger_uri: str, champion_uri: str) -> dict[str, float]:
+def head_to_head(
+    cfg, root: str | Path, challenger_uri: str, champion_uri: str, run_id: str | None = None
+) -> dict[str, float]:
     """Challenger against champion on the first `eval.n_prompts` held-out prompts, both sampled
-    with the same seed: win-rate (ties one half), its 95% interval, and the prompts compared."""
+    with the same seed: win-rate (ties one half), its 95% interval, and the prompts compared; with
+    a judge configured, also the judge's verdict on the same answers (judge_win_rate, judge_ci_low,
+    ..., components/pipeline/judging.py), its judgments logged to the challenger's run `run_id`."""
     import torch
 
     from components import evaluation, tasks
@@ -60,19 +69,29 @@ def head_to_head(cfg, root: str | Path, challenger_uri: str, champion_uri: str) 
     prompts = prompts_of(str(root), "eval")[: cfg.eval.n_prompts]
     gold = tasks.make(cfg).gold
     reward = None if gold else load_reward(cfg, str(root), lm.load_policy(Path(root) / "models" / "sft")[1])
-    scores = []
+    scores, answers = [], []
     for uri in (challenger_uri, champion_uri):
         model, tokenizer = tracking.load_model(uri)
         torch.manual_seed(cfg.seed + 2)
         rollout = lm.sample(model, tokenizer, prompts, cfg.sampling.max_new_tokens, cfg.sampling.temperature,
                             cfg.sampling.top_p)
+        answers.append(rollout.completions)
         if gold:
             scores.append([gold(p, c, e) for p, c, e in zip(prompts, rollout.completions, rollout.ended_with_eos)])
         else:
             scores.append(reward.scores(rollout).tolist())
     rate = evaluation.win_rate(*scores)
     low, high = wilson(rate, len(prompts))
-    return {"win_rate": rate, "ci_low": low, "ci_high": high, "prompts": float(len(prompts))}
+    match = {"win_rate": rate, "ci_low": low, "ci_high": high, "prompts": float(len(prompts))}
+    if cfg.judge.base_url:
+        from components.judges import BudgetExceeded
+        from components.pipeline import judging
+
+        try:
+            match |= judging.head_to_head(cfg, prompts, *answers, run_id)
+        except BudgetExceeded as error:  # recorded; it fails the gate only when the judge gates
+            match["judge_error"] = str(error)
+    return match
 
 
 def git_commit() -> str:
@@ -111,12 +130,21 @@ def _settle(cfg, root, version: str, model_uri: str, metrics: dict[str, float]) 
     tags: dict = {}
     champion = _alias_version(client, name, CHAMPION)
     if champion and champion != version:
-        match = head_to_head(cfg, root, model_uri, f"models:/{name}/{champion}")
+        run_id = client.get_model_version(name, version).run_id  # the challenger's run: the judge's records go there
+        match = head_to_head(cfg, root, model_uri, f"models:/{name}/{champion}", run_id)
         tags = {f"head_to_head.{key}": value for key, value in match.items()} | {"head_to_head.champion": champion}
         if not match["win_rate"] > cfg.promotion.head_to_head_margin:
             reasons.append(
                 f"head-to-head win-rate {match['win_rate']:.3f} (95% CI {match['ci_low']:.3f}-{match['ci_high']:.3f}) "
                 f"against champion v{champion} is not above {cfg.promotion.head_to_head_margin}"
+            )
+        margin = cfg.promotion.judge_margin
+        judged = {key: match.get(f"judge_{key}", float("nan")) for key in ("win_rate", "ci_low", "ci_high")}
+        if margin is not None and cfg.judge.base_url and not judged["win_rate"] > margin:
+            reasons.append(
+                f"judge win-rate {judged['win_rate']:.3f} (95% CI {judged['ci_low']:.3f}-{judged['ci_high']:.3f}) "
+                f"against champion v{champion} is not above promotion.judge_margin {margin}"
+                + (f" ({match['judge_error']})" if "judge_error" in match else "")
             )
     tags |= {"gate": "passed" if not reasons else "failed", "gate_reasons": "; ".join(reasons) or "-"}
     _tag(client, name, version, tags)
