@@ -1,4 +1,4 @@
-"""The RL stage: online rounds, the frontier trace, and a kill -9 in the middle of PPO.
+"""The RL stage: online rounds, the frontier trace, and a kill -9 in the middle of PPO, GRPO and RLOO.
 
 The upstream stages run once on the tiny configuration; `rlhf stage rl` then runs in a
 subprocess, as `dvc repro` or a Prefect worker would run it.
@@ -30,6 +30,18 @@ from tests.conftest import REPO, TINY
 
 RLHF = str(Path(sys.executable).parent / "rlhf")
 ROUNDS = ["--set", "rl.rounds=2", "--set", "ppo.steps=4", "--set", "ppo.checkpoint_every=1"]
+# the kill -9 test's run of each method that checkpoints: two rounds of 4 iterations, a checkpoint each
+KILLED = {
+    "ppo": ROUNDS,
+    **{
+        name: ["--set", f"rl.algorithm={name}", "--set", "rl.rounds=2", "--set", f"{name}.steps=4",
+               "--set", f"{name}.checkpoint_every=1", "--set", f"{name}.batch_size=4", *group]
+        for name, group in {
+            "grpo": ["--set", "grpo.group_size=2", "--set", "grpo.minibatch_size=4"],
+            "rloo": ["--set", "rloo.k=2"],
+        }.items()
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +83,18 @@ def policy_weights(root: Path) -> dict[str, torch.Tensor]:
     return load_file(root / PATHS["policy"] / "model.safetensors")
 
 
-def test_killed_ppo_resumes_mid_round_without_redoing_the_finished_round(upstream, tmp_path):
+# PPO's run in `make test`; GRPO's and RLOO's (their own resume is in tests/test_grpo_rloo.py) in `make test-slow`
+@pytest.mark.parametrize("algorithm", [a if a == "ppo" else pytest.param(a, marks=pytest.mark.slow) for a in sorted(KILLED)])
+def test_a_killed_method_resumes_mid_round_without_redoing_the_finished_round(upstream, tmp_path, algorithm):
+    options = KILLED[algorithm]
     reference, killed = tmp_path / "reference", tmp_path / "killed"
     shutil.copytree(upstream, reference)
     shutil.copytree(upstream, killed)
-    done = subprocess.run(rl_command(reference, *ROUNDS), capture_output=True, text=True, env=environment())
+    done = subprocess.run(rl_command(reference, *options), capture_output=True, text=True, env=environment())
     assert done.returncode == 0, done.stderr[-3000:]
 
-    # kill -9 once round 1 (the second) has checkpointed its second PPO iteration
-    process = subprocess.Popen(rl_command(killed, *ROUNDS), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    # kill -9 once round 1 (the second) has checkpointed its second iteration
+    process = subprocess.Popen(rl_command(killed, *options), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                env=environment())
     marker = killed / "checkpoints" / "rl" / "round-1" / "step-00000002"
     deadline = time.monotonic() + 600
@@ -89,7 +104,7 @@ def test_killed_ppo_resumes_mid_round_without_redoing_the_finished_round(upstrea
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (killed / PATHS["policy"]).exists()
 
-    resumed = subprocess.run(rl_command(killed, *ROUNDS), capture_output=True, text=True, env=environment())
+    resumed = subprocess.run(rl_command(killed, *options), capture_output=True, text=True, env=environment())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     final, uninterrupted = policy_weights(killed), policy_weights(reference)
@@ -121,6 +136,8 @@ TINY_METHODS = {
                       "batch_size": 4}},
     "best_of_n": {"best_of_n": {"n": 4, "n_prompts": 8, "batch_size": 4, "epochs": 1}},
     "dpo": {"dpo": {"batch_size": 8, "lr": 1e-4}},
+    "grpo": {"grpo": {"steps": 2, "batch_size": 4, "group_size": 2, "minibatch_size": 4}},
+    "rloo": {"rloo": {"steps": 2, "batch_size": 4, "k": 2}},
 }
 
 
