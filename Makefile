@@ -28,7 +28,7 @@ up: $(VENV)/.installed
 down:
 	$(BIN)/python -m flows.stack down
 
-# CI's command; `make test-slow` runs the end-to-end tests marked slow (a Prefect stack, kill -9 in every stage)
+# CI's command (a Prefect stack with workers included); `make test-slow` runs the tests marked slow (kill -9 in every stage)
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -m "not slow"
 

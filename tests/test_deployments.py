@@ -1,7 +1,8 @@
 """The operated system: a real Prefect server, process workers on rlhf-cpu and rlhf-gpu, the MLflow UI
 and prefect.yaml's deployments, brought up once for this module by `flows.stack` (what `make up` runs).
 
-Runs are triggered as the UI does (REST calls on the server), with the tiny configuration."""
+Runs are triggered as the UI does (REST calls on the server), with the tiny configuration. One stack
+serves every test of the module (about 6 minutes on 2 cores, part of `make test`)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,6 @@ from components.files import read_jsonl
 from components.pipeline import tracking
 from flows import stack
 from tests.conftest import REPO, TINY, make_project
-
-pytestmark = pytest.mark.slow
 
 LABELING = {"human": {"session_size": 3, "timeout_s": 300}}
 DEPLOYMENTS = ("rlhf-pipeline/scheduled", "rlhf-pipeline/manual", "rlhf-label/human", "rlhf-promote/manual",
