@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import os
 import signal
 import subprocess
 import sys
@@ -40,8 +39,10 @@ class StackError(RuntimeError):
 def environment(state: Path, port: int, mlflow_port: int) -> dict[str, str]:
     """What every process of the stack runs with: the server's API, Prefect's home (result storage
     the pipeline and its GPU subflows share) and the MLflow UI's address for log lines."""
+    from components.pipeline.tracking import child_environment
+
     return {
-        **os.environ,
+        **child_environment(),  # not the MLflow store this process last wrote to (tests run several)
         "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
         "PREFECT_UI_URL": f"http://127.0.0.1:{port}",
         "PREFECT_HOME": str(state / "prefect"),

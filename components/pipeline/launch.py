@@ -51,11 +51,7 @@ def run_launched(name: str, cfg, root: str, parent_run_id: str | None):
     from components.pipeline.layout import StageResult
     from components.pipeline.stages import StageError
 
-    # mlflow.set_tracking_uri wrote MLFLOW_TRACKING_URI in this process: the processes find the
-    # store from `root` as the stage does here, unless the user chose one
-    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    if tracking.USER_TRACKING_URI:
-        env["MLFLOW_TRACKING_URI"] = tracking.USER_TRACKING_URI
+    env = tracking.child_environment()  # the processes find the store from `root`, as the stage does here
 
     with tempfile.TemporaryDirectory(prefix=f"rlhf-{name}-") as folder:
         config_file, out = Path(folder) / "config.json", Path(folder) / "result.json"

@@ -27,6 +27,16 @@ ROOT_TAG = "rlhf.root"  # the project folder of a pipeline, stage or compare run
 USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
 
 
+def child_environment() -> dict[str, str]:
+    """This process's environment for the processes it starts: MLFLOW_TRACKING_URI as the user set
+    it (or unset, so each finds its project's store from its root), not the store of the last
+    project `configure` pointed this process at."""
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    if USER_TRACKING_URI:
+        env["MLFLOW_TRACKING_URI"] = USER_TRACKING_URI
+    return env
+
+
 def configure(root: str | Path, experiment: str) -> str:
     """Point MLflow at the project's store and experiment; returns the tracking URI."""
     store = Path(root).resolve() / "mlflow"
