@@ -166,7 +166,10 @@ class AnnotatorConfig(Section):
 
     n_annotators: int = Field(5, ge=1)
     target_agreement: float = Field(
-        0.725, gt=0.5, lt=1, description="share of pairs where a label agrees with the gold ordering"
+        0.726, gt=0.5, lt=1, description="share of pairs two annotators label alike (InstructGPT: 0.726)"
+    )
+    calibrate_to: Literal["inter_annotator", "gold"] = Field(
+        "inter_annotator", description="gold: target_agreement is one label's agreement with the gold ordering"
     )
 
 
@@ -276,6 +279,10 @@ class RLConfig(LoRASettings):
         "method's steps, plus one at the start; 0: none",
     )
     probe_prompts: int = Field(64, ge=1, description="held-out prompts each frontier measurement samples")
+    seed_offset: int = Field(
+        0, ge=0, description="added to seed in this stage alone: another RL run on the same upstream stages "
+        "(rlhf compare --seeds N runs 0..N-1)"
+    )
 
 
 

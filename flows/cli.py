@@ -89,6 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     _common_options(commands.add_parser("run", help="run the whole pipeline as a Prefect flow"))
     compare = commands.add_parser("compare", help="run the pipeline once per RL method; plot the KL-reward frontier")
     compare.add_argument("--methods", default=",".join(rl.METHODS), help=f"comma-separated, from {','.join(rl.METHODS)}")
+    compare.add_argument("--seeds", type=int, default=1, help="RL runs per method (rl.seed_offset 0..N-1), summarised "
+                         "as mean and 95%% interval")
     _common_options(compare)
     stage = commands.add_parser("stage", help="run one stage")
     stage.add_argument("name", choices=list(STAGE_BY_NAME))
@@ -305,13 +307,18 @@ def _methods(args) -> list[str]:
 
 def _compare(args, cfg: PipelineConfig, root: Path) -> int:
     methods = _methods(args)
-    from flows.compare import compare_methods
+    from flows.compare import compare_methods, table
 
-    outcome = compare_methods(methods=methods, config=cfg, root=str(root))
-    keys = ("gold_win_rate_vs_sft", "kl_to_sft", "proxy_win_rate_vs_sft", "gold_reward_mean")
-    print("\n" + f"{'method':<12}" + "".join(f"{k:>24}" for k in keys))
-    for method, metrics in outcome["final"].items():
-        print(f"{method:<12}" + "".join(f"{metrics['eval/' + k]:>24.4f}" for k in keys))
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds: expected at least 1, got {args.seeds}")
+    outcome = compare_methods(methods=methods, config=cfg, root=str(root), seeds=args.seeds)
+    rows = table(outcome["summary"])
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    widths = {key: max(len(key), *(len(str(row.get(key, ""))) for row in rows)) + 2 for key in columns}
+    print("\n" + "".join(f"{key:<{widths[key]}}" for key in columns))
+    for row in rows:
+        print("".join(f"{str(row.get(key, '')):<{widths[key]}}" for key in columns))
+    print(f"frontier areas: mean gold reward gained over KL budgets 0..{outcome['summary']['_frontier_kl']:.3f}")
     print(f"KL-reward frontier: {outcome['plot']}")
     return 0
 

@@ -11,7 +11,7 @@ from components.data.records import PreferencePair, pair_id
 from components.labelers import annotators
 from components.labelers.annotators import GoldScored
 
-TARGET = 0.725
+TARGET = 0.726
 
 
 def synthetic(n_prompts: int = 400, k: int = 4, seed: int = 7) -> dict[str, list[GoldScored]]:
@@ -23,30 +23,56 @@ def synthetic(n_prompts: int = 400, k: int = 4, seed: int = 7) -> dict[str, list
 
 
 def test_expected_agreement_hand_values():
-    # diffs [1, -1, 0] at tau = 1: (sigmoid(1) + sigmoid(1) + sigmoid(0)) / 3
-    #   = (0.7310586 + 0.7310586 + 0.5) / 3 = 0.6540391
-    assert annotators.expected_agreement([1.0, -1.0, 0.0], 1.0) == pytest.approx(
-        (2 / (1 + math.exp(-1)) + 0.5) / 3, abs=1e-12
-    )
+    # diffs [1, -1, 0] at tau = 1: p = sigmoid(1) = 0.7310586 twice and 1/2 for the tie
+    p = 1 / (1 + math.exp(-1))
+    assert annotators.expected_agreement([1.0, -1.0, 0.0], 1.0, "gold") == pytest.approx((2 * p + 0.5) / 3, abs=1e-12)
+    # two annotators agree when both pick a (p^2) or both pick b ((1-p)^2); a tie agrees half the time
+    both = p**2 + (1 - p) ** 2  # 0.6066...
+    assert annotators.expected_agreement([1.0, -1.0, 0.0], 1.0) == pytest.approx((2 * both + 0.5) / 3, abs=1e-12)
 
 
 def test_calibrate_tau_hits_target():
     rng = random.Random(3)
     diffs = [rng.gauss(0, 1) - rng.gauss(0, 1) for _ in range(500)]
-    for target in (0.6, TARGET, 0.9):
-        tau = annotators.calibrate_tau(diffs, target)
-        assert annotators.expected_agreement(diffs, tau) == pytest.approx(target, abs=1e-6)
-    # a single diff d: sigmoid(|d| / tau) = p  <=>  tau = |d| / logit(p); d = 2, p = 0.725:
-    # logit(0.725) = ln(0.725 / 0.275) = 0.9694006 -> tau = 2.0631...
-    tau = annotators.calibrate_tau([2.0], TARGET)
-    assert tau == pytest.approx(2.0 / math.log(0.725 / 0.275), rel=1e-6)
+    for between in ("inter_annotator", "gold"):
+        for target in (0.6, TARGET, 0.9):
+            tau = annotators.calibrate_tau(diffs, target, between)
+            assert annotators.expected_agreement(diffs, tau, between) == pytest.approx(target, abs=1e-6)
+    # a single diff d, gold: sigmoid(|d| / tau) = q  <=>  tau = |d| / logit(q); d = 2, q = 0.726:
+    tau = annotators.calibrate_tau([2.0], TARGET, "gold")
+    assert tau == pytest.approx(2.0 / math.log(0.726 / 0.274), rel=1e-6)
+    # inter-annotator: p^2 + (1-p)^2 = 0.726  <=>  p = (1 + sqrt(2 * 0.726 - 1)) / 2 = 0.83619...
+    p = (1 + math.sqrt(2 * TARGET - 1)) / 2
+    assert annotators.calibrate_tau([2.0], TARGET) == pytest.approx(2.0 / math.log(p / (1 - p)), rel=1e-6)
+
+
+def test_an_unreachable_target_is_an_error():
+    # half the pairs tie: noiseless annotators agree on 1/2 * 1 + 1/2 * 1/2 = 0.75 at most
+    with pytest.raises(ValueError, match=r"target_agreement=0.8 is unreachable.*0.5 and 0.7500"):
+        annotators.calibrate_tau([1.0, 0.0], 0.8)
+    with pytest.raises(ValueError, match="unreachable"):
+        annotators.calibrate_tau([1.0, -2.0], 0.5)
+
+
+def test_two_annotators_agree_with_each_other_at_the_target():
+    """Two annotators (two seeds) label the same 5,000 pairs: they agree on TARGET of them within 0.02,
+    and each agrees with the gold ordering more often than with the other (p > p^2 + (1-p)^2)."""
+    samples = synthetic(n_prompts=5000, k=2)
+    first, stats = annotators.label(samples, 1, TARGET, seed=1)
+    second, _ = annotators.label(samples, 1, TARGET, seed=2)
+    assert [label.pair_id for label in first] == [label.pair_id for label in second] and len(first) == 5000
+    agreement = sum(a.chosen == b.chosen for a, b in zip(first, second)) / len(first)
+    assert agreement == pytest.approx(TARGET, abs=0.02)
+    assert stats["expected_inter_annotator_agreement"] == pytest.approx(TARGET, abs=1e-6)
+    assert stats["agreement_with_gold"] == pytest.approx(stats["expected_agreement_with_gold"], abs=0.02)
+    assert stats["expected_agreement_with_gold"] > 0.8
 
 
 def test_label_realised_agreement_and_stats():
     samples = synthetic()
-    labels, stats = annotators.label(samples, n_annotators=5, target_agreement=TARGET, seed=11)
+    labels, stats = annotators.label(samples, n_annotators=5, target_agreement=TARGET, seed=11, calibrate_to="gold")
     assert stats["pairs"] == len(labels) == 400 * 6
-    assert stats["expected_agreement"] == pytest.approx(TARGET, abs=1e-6)
+    assert stats["expected_agreement_with_gold"] == pytest.approx(TARGET, abs=1e-6)
     realised = sum(label.meta["agrees_with_gold"] for label in labels) / len(labels)
     assert realised == pytest.approx(stats["agreement_with_gold"], abs=1e-12)
     assert 0.70 <= realised <= 0.75
@@ -147,6 +173,6 @@ def test_empty_completions_become_a_marker_and_every_labelled_pair_passes_valida
     empty = lm.samples_to_label(mute, tiny_tokenizer, prompts, sampling, seed=0)
     assert {(s.completion, s.ended_with_eos) for s in empty} == {(tiny_tokenizer.eos_token, True)}
     chatty = lm.samples_to_label(tiny_policy(), tiny_tokenizer, prompts, sampling, seed=0)
-    pairs, _ = SimulatedAnnotators(gold_reward, 3, 0.725).label(empty + chatty, seed=0)
+    pairs, _ = SimulatedAnnotators(gold_reward, 3, TARGET).label(empty + chatty, seed=0)
     assert pairs and all(p.chosen and p.rejected and p.chosen != p.rejected for p in pairs)
     assert validate_preferences([p.to_row() for p in pairs], mostly=1.0).success

@@ -150,6 +150,32 @@ def test_rerun_skips_every_unchanged_stage(pipeline_run):
     assert counts == {s.name: (2 if s.name in ("rl", "evaluate") else 1) for s in STAGES}
 
 
+def test_compare_runs_each_method_over_seeds_on_the_same_upstream_stages(pipeline_run):
+    """`rlhf compare --seeds 2`: each method's RL stage twice (rl.seed_offset 0 and 1) on the cached
+    upstream stages; summary.json holds each metric's mean and Student-t interval and the frontier area."""
+    from flows.compare import compare_methods
+
+    root, cfg, _ = pipeline_run
+    upstream = {name: len(_runs(root, **{"rlhf.stage": name})) for name in ("task", "sft", "reward")}
+    cfg = cfg.model_copy(update={"best_of_n": cfg.best_of_n.model_copy(update={"n": 2, "n_prompts": 8})})
+    outcome = compare_methods(methods=["ppo", "best_of_n"], config=cfg, root=str(root), seeds=2)
+
+    summary = json.loads((root / "data" / "compare" / "summary.json").read_text())
+    assert set(summary) == {"ppo", "best_of_n", "_frontier_kl"} and summary["_frontier_kl"] >= 0
+    for method in ("ppo", "best_of_n"):
+        runs = outcome["runs"][method]
+        for metric in ("gold_win_rate_vs_sft", "proxy_win_rate_vs_sft", "kl_to_sft"):
+            values = [run["final"][f"eval/{metric}"] for run in runs]
+            stat = summary[method][metric]
+            half = 12.706204736174698 * abs(values[0] - values[1]) / math.sqrt(2) / math.sqrt(2)  # t_{0.975,1} s/sqrt(2)
+            assert stat["mean"] == pytest.approx(sum(values) / 2)
+            assert (stat["ci_low"], stat["ci_high"]) == pytest.approx((stat["mean"] - half, stat["mean"] + half))
+        assert isinstance(summary[method]["frontier_area"], float)
+    assert outcome["runs"]["ppo"][0]["trace"] != outcome["runs"]["ppo"][1]["trace"]  # two different RL runs
+    assert {name: len(_runs(root, **{"rlhf.stage": name})) for name in upstream} == upstream  # from the cache
+    assert (root / "data" / "compare" / "frontier.png").stat().st_size > 0
+
+
 def test_pipeline_starts_from_an_ingested_external_set(pipeline_run, tmp_path):
     """`data.source` replaces the simulated labels; the set is checked row by row and by GX."""
     from flows.pipeline import rlhf_pipeline

@@ -1,7 +1,8 @@
 """The PPO loop on a tiny model: it updates the policy and its own critic (a copy of the reward
-model, or a value head), leaves the reference and the reward model alone, reports the metrics and
-the frontier probe, adapts beta with the KL, resumes a crashed run exactly, refuses a separate
-critic without a reward network, and trains only the LoRA adapters of a LoRA policy."""
+model that starts at the normalised reward, or a value head), leaves the reference and the reward
+model alone, reports the metrics and the frontier probe, adapts beta with the KL, resumes a crashed
+run exactly, refuses a separate critic without a reward network, and trains only the LoRA adapters
+of a LoRA policy."""
 
 from __future__ import annotations
 
@@ -60,10 +61,32 @@ def test_ppo_updates_policy_and_critic_adapts_beta_and_probes_every_step(
     assert any(not torch.equal(p, before[n]) for n, p in policy.named_parameters())
     for name, p in [*ref_policy.named_parameters(), *reward.model.named_parameters()]:
         assert torch.equal(p, frozen[name]), name
-    # the critic, a copy of the reward model, trained (the last checkpoint holds it)
+    # the critic, a copy of the reward model with a bias for the normalisation, trained (the last
+    # checkpoint holds it)
     critic = load_file(str(tmp_path / "step-00000003" / "critic.safetensors"))
-    assert critic.keys() == reward.model.state_dict().keys()
-    assert any(not torch.equal(w, frozen[n]) for n, w in critic.items())
+    assert critic.keys() == reward.model.state_dict().keys() | {"score.bias"}
+    assert any(not torch.equal(w, frozen[n]) for n, w in critic.items() if n in frozen)
+
+
+def test_the_critic_copied_from_the_reward_model_starts_at_the_normalised_score(
+    tiny_policy, tiny_reward, tiny_tokenizer, tiny_prompts
+):
+    """The reward normalisation is folded into the critic's head (Huang et al. 2024): its value at
+    the last token of a sequence, where the reward model scores it, is the normalised score."""
+    policy, reward = tiny_policy(), tiny_reward
+    reward.model.config.reward_mean, reward.model.config.reward_std = 0.37, 0.05  # not the identity
+    torch.manual_seed(3)
+    batch = rollout.generate(policy, tiny_tokenizer, tiny_prompts[:8], 2, SAMPLING)
+    critic = ppo.make_critic(ppo_run(policy, None, reward, tiny_tokenizer, tiny_prompts, PPOConfig()), PPOConfig())
+
+    with torch.no_grad():
+        hidden = ppo._forward(critic.base_model, batch).last_hidden_state
+        last = batch.prompt_ids.shape[1] + batch.response_mask.sum(1) - 1
+        values = critic.score(hidden[torch.arange(len(last)), last]).squeeze(-1)
+        expected = reward.normalised(batch)
+    assert (expected - reward.scores(batch)).abs().min() > 1  # far from the raw score a plain copy starts at
+    torch.testing.assert_close(values, expected, rtol=0, atol=1e-5)
+    assert all(not p.requires_grad for p in reward.model.parameters())  # the reward model stays frozen
 
 
 def test_ppo_with_a_value_head_on_the_policy_trains_policy_and_head(

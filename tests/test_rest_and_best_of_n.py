@@ -1,4 +1,6 @@
-"""ReST and best-of-n: the Improve filter against a hand example, the analytic best-of-n KL against
+"""ReST and best-of-n: the Improve filter (absolute and quantile thresholds) against a hand
+example, the learning rate of each Improve step, the Improve data (Grow samples joined with the
+demonstrations, filtered alike) against a hand-scored example, the analytic best-of-n KL against
 its closed form and an exact computation, best-of-n's pick against scoring every sample directly,
 and both train() end to end on a tiny GPT-2 policy and reward source (metrics, frontier probe)."""
 
@@ -13,7 +15,9 @@ import torch
 from components.rl import METHODS, RLInputs, best_of_n, rest, rollout
 from components.rl.best_of_n import BestOfNConfig
 from components.rl.rest import RestConfig
+from components.rewards import FunctionReward
 from components.sections import SamplingConfig
+from components.trainers.sft import Demonstration
 
 SAMPLING = SamplingConfig(max_new_tokens=8, batch_size=64)
 
@@ -23,23 +27,104 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 
 # ---------------------------------------------------------------------------------- ReST filter
 
+SCORES = torch.tensor([0.3, -1.0, 2.0, 0.5, 1.2, 0.0, 0.8, -0.4])
+
+
+def test_improve_filter_keeps_exactly_the_samples_above_an_absolute_threshold():
+    # strictly above: 0.0 itself (index 5) and 0.5 itself (index 3) are left out
+    expected = {0.0: [0, 2, 3, 4, 6], 0.5: [2, 4, 6], 1.0: [2, 4], 2.0: []}
+    for threshold, indices in expected.items():
+        tau, keep = rest.improve_filter(SCORES, threshold, "absolute")
+        assert tau == threshold and keep.nonzero().squeeze(1).tolist() == indices
+    # a better Grow set (every score + 1: only -1.0 + 1 is not above 0.5) keeps more above the same value
+    assert rest.improve_filter(SCORES + 1, 0.5, "absolute")[1].nonzero().squeeze(1).tolist() == [0, 2, 3, 4, 5, 6, 7]
+
 
 def test_improve_filter_keeps_exactly_the_samples_above_the_quantile():
-    scores = torch.tensor([0.3, -1.0, 2.0, 0.5, 1.2, 0.0, 0.8, -0.4])
     # sorted: -1.0 -0.4 0.0 0.3 0.5 0.8 1.2 2.0; quantile q sits at position 7q, linearly interpolated
     expected = {0.5: (0.4, [2, 3, 4, 6]), 0.75: (0.9, [2, 4]), 0.9: (1.44, [2])}
     kept = []
     for quantile, (threshold, indices) in expected.items():
-        tau, keep = rest.improve_filter(scores, quantile)
+        tau, keep = rest.improve_filter(SCORES, quantile, "quantile")
         assert tau == pytest.approx(threshold)
         assert keep.nonzero().squeeze(1).tolist() == indices
         kept.append(int(keep.sum()))
     assert kept == sorted(kept, reverse=True) and len(set(kept)) == 3
+    # a better Grow set keeps the same share: the threshold moves with it
+    assert rest.improve_filter(SCORES + 1, 0.5, "quantile")[1].nonzero().squeeze(1).tolist() == [2, 3, 4, 6]
 
 
 def test_improve_filter_keeps_nothing_when_all_scores_tie():
-    threshold, keep = rest.improve_filter(torch.full((6,), 0.25), 0.5)
+    threshold, keep = rest.improve_filter(torch.full((6,), 0.25), 0.5, "quantile")
     assert threshold == 0.25 and not keep.any()
+
+
+def test_the_learning_rate_falls_with_each_improve_step():
+    cfg = RestConfig(improve_steps=3, thresholds=[0.0, 0.5, 1.0], lr=1e-3, lr_decay=0.5)
+    assert [rest.improve_lr(cfg, i) for i in range(3)] == pytest.approx([1e-3, 5e-4, 2.5e-4])
+    assert RestConfig().threshold_kind == "absolute" and RestConfig().with_demonstrations
+
+
+def test_config_rejects_thresholds_that_do_not_rise_or_quantiles_outside_0_1():
+    with pytest.raises(ValueError):
+        RestConfig(improve_steps=2, thresholds=[1.0, 0.5])
+    with pytest.raises(ValueError):
+        RestConfig(improve_steps=2, thresholds=[0.5])
+    with pytest.raises(ValueError):
+        RestConfig(improve_steps=2, thresholds=[0.5, 1.5], threshold_kind="quantile")
+    RestConfig(improve_steps=2, thresholds=[0.5, 1.5])  # absolute: any rising reward values
+
+
+# ------------------------------------------------------------------------------ ReST Improve data
+
+DEMONSTRATIONS = [Demonstration("the plot", " was great"), Demonstration("the cast", " was fine"),
+                  Demonstration("the music", " was dull")]
+# a programmatic reward (not normalised): the demonstrations 3, 1 and -1, every policy sample 0.75
+DEMO_SCORES = {" was great": 3.0, " was fine": 1.0, " was dull": -1.0}
+
+
+@pytest.mark.parametrize("kind, thresholds, expected", [
+    # absolute 0.5: the 8 samples (0.75) and the demonstrations scored 3 and 1; absolute 2: only 3's
+    ("absolute", [0.5, 2.0], [(8, [" was great", " was fine"]), (0, [" was great"])]),
+    # D_g's 11 scores sorted: -1, 0.75 x 8, 1, 3; the 0.5 quantile (position 5) is 0.75, kept strictly
+    # above it: 1 and 3; the 0.95 quantile (position 9.5) is 2: only 3
+    ("quantile", [0.5, 0.95], [(0, [" was great", " was fine"]), (0, [" was great"])]),
+])
+def test_improve_fine_tunes_on_the_grow_samples_and_demonstrations_above_the_threshold(
+    kind, thresholds, expected, monkeypatch, tiny_policy, tiny_tokenizer, tiny_prompts
+):
+    calls = []
+
+    def fine_tune(policy, tokenizer, samples, cfg, seed):
+        calls.append((samples, cfg.lr))
+        return {"loss": 1.0}
+
+    monkeypatch.setattr(rest, "fine_tune", fine_tune)
+    reward = FunctionReward(lambda prompt, response: DEMO_SCORES.get(response, 0.75), "toy")
+    cfg = RestConfig(grow_steps=2, improve_steps=2, n_prompts=4, n_samples=2, threshold_kind=kind,
+                     thresholds=thresholds, lr=1e-3, lr_decay=0.5, missing_eos_penalty=0.0)
+    logged = []
+    rest.train(RLInputs(
+        tiny_policy(), None, reward, tiny_tokenizer, tiny_prompts, [], cfg, SAMPLING, seed=0,
+        log=lambda m, step: logged.append(m), demonstrations=DEMONSTRATIONS,
+    ))
+
+    assert [lr for _, lr in calls] == pytest.approx([1e-3, 5e-4, 1e-3, 5e-4])  # decays within each Grow
+    for (samples, _), (n_samples, demonstrations), metrics in zip(calls, expected * 2, logged):
+        assert sum(s.score == 0.75 for s in samples) == n_samples
+        assert [(s.prompt, s.completion, s.ended_with_eos) for s in samples if s.score != 0.75] == [
+            (d.prompt, d.response, True) for d in DEMONSTRATIONS if d.response in demonstrations
+        ]
+        assert metrics["kept"] == len(samples) and metrics["kept_demonstrations"] == len(demonstrations)
+    assert [m["threshold"] for m in logged[:2]] == pytest.approx([0.5, 2.0] if kind == "absolute" else [0.75, 2.0])
+
+
+def test_rest_without_demonstrations_fine_tunes_on_the_grow_samples_alone_or_asks_for_them(
+    tiny_policy, tiny_reward, tiny_tokenizer, tiny_prompts
+):
+    cfg = RestConfig(grow_steps=1, improve_steps=1, thresholds=[0.0], n_prompts=2, n_samples=2)
+    with pytest.raises(ValueError, match="demonstrations"):
+        rest.train(RLInputs(tiny_policy(), None, tiny_reward, tiny_tokenizer, tiny_prompts, [], cfg, SAMPLING, seed=0))
 
 
 # ----------------------------------------------------------------------------------- best-of-n
@@ -122,8 +207,8 @@ def _train(name, module, cfg, tiny_policy, tiny_reward, tiny_tokenizer, tiny_pro
 
 def test_rest_train_end_to_end(tiny_policy, tiny_reward, tiny_tokenizer, tiny_prompts):
     cfg = RestConfig(
-        grow_steps=2, improve_steps=3, n_prompts=8, n_samples=4, thresholds=[0.25, 0.5, 0.75], batch_size=4,
-        lr=1e-3, checkpoint_every=0,
+        grow_steps=2, improve_steps=3, n_prompts=8, n_samples=4, threshold_kind="quantile",
+        thresholds=[0.25, 0.5, 0.75], with_demonstrations=False, batch_size=4, lr=1e-3, checkpoint_every=0,
     )
     logged, probed = _train("rest", rest, cfg, tiny_policy, tiny_reward, tiny_tokenizer, tiny_prompts)
     assert [step for step, _ in logged] == list(range(6))
@@ -133,7 +218,7 @@ def test_rest_train_end_to_end(tiny_policy, tiny_reward, tiny_tokenizer, tiny_pr
         # 8 prompts x 4 samples of distinct scores; strictly above the 25%, 50%, 75% quantiles
         assert kept == [24, 16, 8]
         assert all(m["score_mean"] > m["threshold"] for _, m in grow)
-        assert [m["quantile"] for _, m in grow] == [0.25, 0.5, 0.75]
+        assert [m["lr"] for _, m in grow] == pytest.approx([1e-3, 5e-4, 2.5e-4])
         assert {"threshold", "kept", "score_mean", "nll", "grow_score_mean"} <= grow[-1][1].keys()
         assert all(m["score_mean"] > m["grow_score_mean"] for _, m in grow)
 

@@ -1,4 +1,5 @@
-"""The RL stage: online rounds, the frontier trace, and a kill -9 in the middle of PPO, GRPO and RLOO.
+"""The RL stage: online rounds, the frontier trace, and a kill -9 in the middle of PPO, GRPO, RLOO, NLPO and
+online DPO.
 
 The upstream stages run once on the tiny configuration; `rlhf stage rl` then runs in a
 subprocess, as `dvc repro` or a Prefect worker would run it.
@@ -39,6 +40,9 @@ KILLED = {
         for name, group in {
             "grpo": ["--set", "grpo.group_size=2", "--set", "grpo.minibatch_size=4"],
             "rloo": ["--set", "rloo.k=2"],
+            "online_dpo": [],
+            "nlpo": ["--set", "nlpo.minibatch_size=2", "--set", "nlpo.ppo_epochs=1",
+                     "--set", "nlpo.mask_update_every=2"],
         }.items()
     },
 }
@@ -83,7 +87,8 @@ def policy_weights(root: Path) -> dict[str, torch.Tensor]:
     return load_file(root / PATHS["policy"] / "model.safetensors")
 
 
-# PPO's run in `make test`; GRPO's and RLOO's (their own resume is in tests/test_grpo_rloo.py) in `make test-slow`
+# PPO's run in `make test`; the others' (their own resume is in tests/test_grpo_rloo.py, test_nlpo.py) in
+# `make test-slow`
 @pytest.mark.parametrize("algorithm", [a if a == "ppo" else pytest.param(a, marks=pytest.mark.slow) for a in sorted(KILLED)])
 def test_a_killed_method_resumes_mid_round_without_redoing_the_finished_round(upstream, tmp_path, algorithm):
     options = KILLED[algorithm]
@@ -138,6 +143,7 @@ TINY_METHODS = {
     "dpo": {"dpo": {"batch_size": 8, "lr": 1e-4}},
     "grpo": {"grpo": {"steps": 2, "batch_size": 4, "group_size": 2, "minibatch_size": 4}},
     "rloo": {"rloo": {"steps": 2, "batch_size": 4, "k": 2}},
+    "online_dpo": {"online_dpo": {"steps": 2, "batch_size": 4}},
 }
 
 
@@ -224,6 +230,21 @@ def test_a_method_and_a_labeler_registered_from_outside_run_the_rl_stage_and_an_
     assert [row["step"] for row in read_jsonl(root / PATHS["trace"])] == [0, 1, 2, 10_001, 10_002]
 
 
+def test_online_dpo_labels_with_the_pipelines_labeler_that_the_stage_builds_for_it(upstream, tmp_path, toy_plugins):
+    from components.config import load_config
+    from components.pipeline.stages import run_stage
+
+    root = tmp_path / "project"
+    shutil.copytree(upstream, root)
+    overrides = {"rl": {"algorithm": "online_dpo"}, "label": {"labeler": "longer"},
+                 "online_dpo": {"steps": 2, "batch_size": 4, "labeler": "label"}}
+    calls = LongerIsBetter.calls
+    result = run_stage("rl", load_config(root / "params.yaml", overrides), root)
+
+    assert LongerIsBetter.calls == calls + 2  # once an iteration
+    assert result.metrics["label_pairs"] > 0 and math.isfinite(result.metrics["loss"])
+
+
 def test_the_rl_stage_is_keyed_by_the_chosen_method_section_only(tiny_config):
     from components.pipeline.stages import params_of
 
@@ -233,3 +254,38 @@ def test_the_rl_stage_is_keyed_by_the_chosen_method_section_only(tiny_config):
     assert params_of(changed, "rl") == ppo  # a PPO stage does not rerun for a ReST setting
     p3o = tiny_config.model_copy(update={"rl": tiny_config.rl.model_copy(update={"algorithm": "p3o_v2"})})
     assert "p3o" in params_of(p3o, "rl") and "ppo" not in params_of(p3o, "rl")
+
+
+def test_evaluation_scores_the_proxy_with_the_reward_model_of_the_last_round(upstream, tmp_path):
+    """Between online rounds the reward model trains on fresh labels; evaluation's proxy rewards
+    (and so eval/proxy_win_rate_vs_sft) come from that model, not from the reward stage's."""
+    from components.config import load_config
+    from components.pipeline.policy_stages import latest_reward
+    from components.pipeline.stages import load_reward, run_stage
+
+    root = tmp_path / "project"
+    shutil.copytree(upstream, root)
+    overrides = {"rl": {"rounds": 2, "probe_points": 0}, "ppo": {"steps": 2}, "eval": {"n_prompts": 8}}
+    cfg = load_config(root / "params.yaml", overrides)
+    run_stage("rl", cfg, root)
+    run_stage("evaluate", cfg, root)
+
+    # evaluation again, in this process, with each reward model: the same samples (same seed), scored
+    from components import evaluation
+    from components.pipeline.stages import prompts_of
+
+    policy, tokenizer = lm.load_policy(root / PATHS["policy"])
+    sft_policy, _ = lm.load_policy(root / PATHS["sft"])
+    last_round, reward_stage = latest_reward(cfg, str(root), tokenizer), load_reward(cfg, str(root), tokenizer)
+    prompts = prompts_of(str(root), "eval")[: cfg.eval.n_prompts]
+    proxy = {}
+    for name, reward in (("last round", last_round), ("reward stage", reward_stage)):
+        _, rows = evaluation.evaluate(policy, sft_policy, reward, tokenizer, prompts, cfg.sampling, cfg.seed + 1)
+        proxy[name] = [row["proxy"] for row in rows]
+    assert [row["proxy"] for row in read_jsonl(root / PATHS["completions"])] == pytest.approx(proxy["last round"], abs=1e-6)
+    assert proxy["last round"] != pytest.approx(proxy["reward stage"], abs=1e-3)
+
+    cfg = load_config(root / "params.yaml", {**overrides, "rl": {"rounds": 1, "probe_points": 0}})
+    run_stage("rl", cfg, root)  # one round: the reward stage's model, unchanged
+    assert not (root / PATHS["rl_reward"] / "reward.safetensors").exists()
+    assert latest_reward(cfg, str(root), tokenizer).model.config.reward_mean == reward_stage.model.config.reward_mean

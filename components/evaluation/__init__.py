@@ -89,34 +89,3 @@ def frontier_point(
         rows = zip(prompts, rollout.completions, rollout.ended_with_eos)
         point["gold_reward"] = sum(gold(p, c, e) for p, c, e in rows) / len(prompts)
     return point
-
-
-def plot_frontier(traces: dict[str, list[dict]], finals: dict[str, dict]):
-    """The KL-reward frontier: gold (when the task has a gold scorer) and proxy reward against KL
-    to SFT, one curve per method over its training (the trace of the RL stage), its final
-    evaluation marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    points = [point for trace in traces.values() for point in trace]
-    panels = [
-        (key, title) for key, title in (
-            ("gold_reward", "gold reward (the task's oracle)"), ("proxy_reward", "proxy reward (the reward source)"),
-        ) if points and all(key in point for point in points)
-    ]
-    figure, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), constrained_layout=True, squeeze=False)
-    for (method, trace), colour in zip(sorted(traces.items()), plt.cm.tab10.colors):
-        kl = [point["kl_to_sft"] for point in trace]
-        for axis, (key, _) in zip(axes[0], panels):
-            axis.plot(kl, [point[key] for point in trace], "o-", color=colour, label=method, markersize=3)
-            final = finals.get(method, {})
-            if f"eval/{key}_mean" in final:
-                axis.plot(final["eval/kl_to_sft"], final[f"eval/{key}_mean"], "*", color=colour, markersize=12)
-    for axis, (_, title) in zip(axes[0], panels):
-        axis.set_xlabel("KL(policy || SFT), nats per response")
-        axis.set_title(title)
-        axis.grid(alpha=0.3)
-    axes[0][0].legend(title="method (star: final evaluation)")
-    return figure

@@ -10,11 +10,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import (
+    AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList,
+    PreTrainedTokenizerFast,
+)
 
 from components.data.records import Sample
 from components.models import gguf
@@ -187,10 +191,13 @@ def make_rollout(tokenizer, prompts: list[str], completions: list[str], ended_wi
 
 @torch.no_grad()
 def sample(
-    model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float = 1.0
+    model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float = 1.0,
+    logits_processor: Callable[[torch.Tensor], LogitsProcessor] | None = None,
 ) -> Rollout:
     """Sample one response per prompt with the KV cache; tokens after the first EOS are padding.
-    Responses longer than `max_new_tokens` (or the context) are truncated and have no EOS."""
+    Responses longer than `max_new_tokens` (or the context) are truncated and have no EOS.
+    `logits_processor(prompt_mask)`, given the prompts' attention mask, makes a processor that
+    `generate` applies to the logits before temperature and top-p (NLPO's mask, components/rl/nlpo.py)."""
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
     room = context_length(model) - prompt_ids.shape[1]
     device = next(model.parameters()).device
@@ -204,6 +211,7 @@ def sample(
         max_new_tokens=min(max_new_tokens, room),
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        logits_processor=LogitsProcessorList([logits_processor(prompt_mask)]) if logits_processor else None,
     )
     response_ids = output[:, prompt_ids.shape[1] :].cpu()
     is_eos = response_ids == tokenizer.eos_token_id

@@ -27,6 +27,7 @@ PATHS = {
     "validation": "data/preferences/validation.json",
     "reward": "models/reward",
     "policy": "models/policy",
+    "rl_reward": "models/rl-reward",
     "trace": "data/rl/trace.jsonl",
     "completions": "data/eval/completions.jsonl",
     "eval_metrics": "data/eval/metrics.json",
@@ -64,11 +65,12 @@ STAGES = (
         "rl",
         ("seed", "task", "rl", METHOD_SECTION, "base", "sampling", "collect", "label", "annotators", "reward", "judge",
          "rlaif", HUMAN_SECTION),
-        ("prompts", "sft", "reward", "preferences"),
-        ("policy", "trace"),
+        ("prompts", "sft", "reward", "preferences", "demonstrations"),
+        ("policy", "trace", "rl_reward"),
     ),
     Stage(
-        "evaluate", ("seed", "task", "eval", "sampling", "judge"), ("prompts", "sft", "reward", "policy"), ("completions",),
+        "evaluate", ("seed", "task", "eval", "sampling", "judge"), ("prompts", "sft", "reward", "policy", "rl_reward"),
+        ("completions",),
         ("eval_metrics",),
     ),
 )

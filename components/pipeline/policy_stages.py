@@ -4,6 +4,7 @@ then compared with SFT on held-out prompts. See components/pipeline/stages.py fo
 from __future__ import annotations
 
 import json
+import shutil
 
 from components import evaluation, rl, tasks
 from components.config import PipelineConfig
@@ -16,6 +17,7 @@ from components.pipeline.stages import (
     Outcome, StageError, checkpoints, labeler, load_reward, path, preference_pairs, prompts_of,
 )
 from components.rl import online
+from components.trainers import sft
 
 
 def _feedback(cfg: PipelineConfig, root: str) -> online.Feedback | None:
@@ -28,6 +30,28 @@ def _feedback(cfg: PipelineConfig, root: str) -> online.Feedback | None:
     return online.Feedback(chosen, cfg.rl.round_prompts, cfg.collect.k, cfg.sampling, cfg.reward)
 
 
+def _save_latest_reward(reward, root: str, rounds: int) -> None:
+    """What evaluation scores the proxy reward with: the reward model as the last online round left
+    it (weights and normalisation), or, after one round or with a fixed reward, a note saying that
+    the reward stage's source is unchanged."""
+    folder = path(root, "rl_reward")
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    updated = rounds > 1 and reward.trainable
+    if updated:
+        reward.save_state(folder)
+    write_json(folder / "rounds.json", {"rounds": rounds, "updated": updated})
+
+
+def latest_reward(cfg: PipelineConfig, root: str, tokenizer):
+    """The reward source the RL stage ended with (online rounds train the reward model further)."""
+    reward = load_reward(cfg, root, tokenizer)
+    folder = path(root, "rl_reward")
+    if json.loads((folder / "rounds.json").read_text())["updated"]:
+        reward.load_state(folder)
+    return reward
+
+
 def reinforce(cfg: PipelineConfig, root: str, log) -> Outcome:
     """RL fine-tuning of the SFT policy with `rl.algorithm`, for `rl.rounds` online rounds
     (components/rl/online.py), LoRA adapters when `rl.lora_r` > 0.
@@ -37,12 +61,13 @@ def reinforce(cfg: PipelineConfig, root: str, log) -> Outcome:
     """
     folder = checkpoints(root, "rl")
     method = rl.METHODS[cfg.rl.algorithm]
+    seed = cfg.seed + cfg.rl.seed_offset
     policy, tokenizer = lm.load_policy(path(root, "sft"))
     sft_policy, _ = lm.load_policy(path(root, "sft"))
     sft_policy.requires_grad_(False)
     reference = sft_policy
     if cfg.rl.lora_r:
-        policy, reference = lora.add_lora(policy, cfg.rl, cfg.seed), None
+        policy, reference = lora.add_lora(policy, cfg.rl, seed), None
     reward = load_reward(cfg, root, tokenizer)
     gold = tasks.make(cfg).gold
     probe_prompts = prompts_of(root, "eval")[: cfg.rl.probe_prompts]
@@ -59,10 +84,15 @@ def reinforce(cfg: PipelineConfig, root: str, log) -> Outcome:
 
         return probe
 
+    section = getattr(cfg, method.section) if method.section else None
     inputs = rl.RLInputs(
         policy, reference, reward, tokenizer, prompts_of(root, "train"), preference_pairs(root),
-        getattr(cfg, method.section) if method.section else None, cfg.sampling, cfg.seed, log,
+        section, cfg.sampling, seed, log,
         max_length=min(cfg.base.max_length, lm.context_length(policy)),
+        demonstrations=[sft.Demonstration(r["prompt"], r["response"]) for r in read_jsonl(path(root, "demonstrations"))],
+        # built only for a method that labels its own samples (online_dpo.labeler=label): a labeler
+        # may need what other runs lack (a gold scorer, a judge)
+        labeler=labeler(cfg, root, cfg.label.labeler) if getattr(section, "labeler", None) == "label" else None,
     )
     try:
         policy, metrics = online.train_rounds(method, inputs, cfg.rl.rounds, _feedback(cfg, root), folder, probe_for)
@@ -72,6 +102,7 @@ def reinforce(cfg: PipelineConfig, root: str, log) -> Outcome:
     for row in read_jsonl(trace_file) if trace_file.is_file() else []:
         trace[row["step"]] = {"algorithm": cfg.rl.algorithm, **row}
     write_jsonl(path(root, "trace"), [trace[step] for step in sorted(trace)])
+    _save_latest_reward(reward, root, cfg.rl.rounds)
     policy = lora.merged(policy)
     check_finite(policy, f"rl ({cfg.rl.algorithm})")
     lm.save_policy(policy, tokenizer, path(root, "policy"))
@@ -82,7 +113,7 @@ def reinforce(cfg: PipelineConfig, root: str, log) -> Outcome:
 def evaluate(cfg: PipelineConfig, root: str, log) -> Outcome:
     policy, tokenizer = lm.load_policy(path(root, "policy"))
     sft_policy, _ = lm.load_policy(path(root, "sft"))
-    reward = load_reward(cfg, root, tokenizer)
+    reward = latest_reward(cfg, root, tokenizer)
     prompts = prompts_of(root, "eval")[: cfg.eval.n_prompts]
     metrics, rows = evaluation.evaluate(
         policy, sft_policy, reward, tokenizer, prompts, cfg.sampling, cfg.seed + 1, tasks.make(cfg).gold

@@ -20,7 +20,7 @@ def register(name: str, train: TrainFn, section: str | None = None, config: type
     return method
 
 
-from components.rl import best_of_n, dpo, grpo, p3o, ppo, rest, rloo  # noqa: E402  (they import the base above)
+from components.rl import best_of_n, dpo, grpo, nlpo, online_dpo, p3o, ppo, rest, rloo  # noqa: E402  (they import the base above)
 from components.sections import DPOConfig  # noqa: E402
 
 register("ppo", ppo.train, "ppo", ppo.PPOConfig)
@@ -31,5 +31,7 @@ register("best_of_n", best_of_n.train, "best_of_n", best_of_n.BestOfNConfig)
 register("dpo", dpo.train, "dpo", DPOConfig)
 register("grpo", grpo.train, "grpo", grpo.GRPOConfig)
 register("rloo", rloo.train, "rloo", rloo.RLOOConfig)
+register("nlpo", nlpo.train, "nlpo", nlpo.NLPOConfig)
+register("online_dpo", online_dpo.train, "online_dpo", online_dpo.OnlineDPOConfig)
 
 __all__ = ["METHODS", "RLInputs", "RLMethod", "register"]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from components.data.records import PreferencePair
 from components.models.training import MetricsLogger, no_logging
 from components.sections import SamplingConfig
+
+if TYPE_CHECKING:
+    from components.trainers.sft import Demonstration
 
 
 def no_probe(step: int, total: int) -> None:
@@ -28,7 +31,11 @@ class RLInputs:
     - `log(metrics, step)` records per-step metrics; `probe(step, total)` is called after each
       step so the stage can measure the KL-reward frontier;
     - `checkpoint_dir`: where a method that checkpoints keeps the state a killed run resumes from;
-    - `max_length`: the context offline pair losses truncate to.
+    - `max_length`: the context offline pair losses truncate to;
+    - `demonstrations`: the SFT stage's demonstrations, the original supervised data (ReST joins
+      them to each Grow set);
+    - `labeler`: the pipeline's labeler (`label.labeler`, components/labelers/) for a method that
+      labels its own samples (online DPO with `labeler: label`); None when no method asked for it.
     """
 
     policy: Any
@@ -44,6 +51,8 @@ class RLInputs:
     checkpoint_dir: Path | None = None
     probe: Callable[[int, int], None] = field(default=no_probe)
     max_length: int = 1024
+    demonstrations: list[Demonstration] = field(default_factory=list)
+    labeler: Any = None
 
 
 TrainFn = Callable[[RLInputs], tuple[Any, dict]]

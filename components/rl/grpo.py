@@ -30,11 +30,11 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from components.models import checkpoint, lm
+from components.models import lm
 from components.progress import Bar
 from components.rl.base import RLInputs
 from components.rl.ppo import entropy, kl_per_token
-from components.rl.rollout import collect, trainable_parameters
+from components.rl.rollout import LoopCheckpoints, collect, eval_mode, trainable_parameters
 from components.sections import Section
 
 LossAggregation = Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"]
@@ -177,26 +177,14 @@ def train(run: RLInputs) -> tuple[torch.nn.Module, dict]:
     policy, ref_policy, reward, tokenizer, prompts, sampling = (
         run.policy, run.reference, run.reward, run.tokenizer, run.prompts, run.sampling
     )
-    checkpoint_dir = run.checkpoint_dir
     torch.manual_seed(run.seed)
     rng = random.Random(run.seed)
-    # eval mode throughout: dropout would make the update's log-probs differ from the behaviour
-    # log-probs at ratio 1 and bias the clipping
-    for model in (policy, ref_policy):
-        if model is not None:
-            model.eval()
-    if ref_policy is not None:
-        ref_policy.requires_grad_(False)
+    eval_mode(policy, ref_policy)
     parameters = trainable_parameters(policy)
     optimizer = torch.optim.AdamW(parameters, lr=cfg.lr, eps=1e-5)
     loss_kl_coef = 0.0 if cfg.kl_in_reward else cfg.kl_coef
-    metrics: dict = {}
-    start = 0
-    restored = checkpoint.load_latest(checkpoint_dir, {"policy": policy}, optimizer)
-    if restored is not None:
-        state, _ = restored
-        start, metrics = state["step"], state["metrics"]
-        checkpoint.set_random_state(rng, state["rng"])
+    checkpoints = LoopCheckpoints(run.checkpoint_dir, {"policy": policy}, optimizer, rng, cfg.checkpoint_every, cfg.steps)
+    start, metrics = checkpoints.resume()
     for step in Bar(range(start, cfg.steps), desc="grpo", total=cfg.steps, initial=start, unit="iteration"):
         # 1. rollout: a group of G responses per prompt
         batch_prompts = rng.sample(prompts, k=min(cfg.batch_size, len(prompts)))
@@ -245,7 +233,5 @@ def train(run: RLInputs) -> tuple[torch.nn.Module, dict]:
         }
         run.log(metrics, step)
         run.probe(step + 1, cfg.steps)
-        if checkpoint_dir is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
-            state = {"rng": checkpoint.random_state(rng), "metrics": metrics}
-            checkpoint.save(checkpoint_dir, step + 1, {"policy": policy}, optimizer, state)
+        checkpoints.done(step + 1, metrics)
     return policy, metrics

@@ -11,16 +11,22 @@ in the manner of CleanRL's ppo.py. One iteration:
 4. update: `ppo_epochs` passes of minibatches with the clipped surrogate objective and a
    clipped value loss (Schulman et al. 2017).
 
-The critic is a separate network initialised from the reward model, as in InstructGPT, or a
-value head on the policy's own trunk (`ppo.critic`). A run checkpoints every few iterations and
-resumes after a crash or kill with the same policy, critic, optimizer, KL coefficient and RNG.
+The critic is a separate network initialised from the reward model, as in InstructGPT, with the
+reward normalisation folded into its head so that it starts on the scale of the normalised rewards
+it learns to predict (`normalised_head`), or a value head on the policy's own trunk (`ppo.critic`).
+A run checkpoints every few iterations and resumes after a crash or kill with the same policy,
+critic, optimizer, KL coefficient and RNG.
+
+`train` takes a `PolicyMask`: a restriction of the tokens the policy samples, applied again to the
+log-probs of the ratio and refreshed after each iteration. NLPO (components/rl/nlpo.py) is PPO
+with the top-p mask of a periodically updated copy of the policy.
 """
 
 from __future__ import annotations
 
 import copy
 import random
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
@@ -29,7 +35,7 @@ from pydantic import Field, model_validator
 
 from components.models import checkpoint, lm
 from components.rl.base import RLInputs
-from components.rl.rollout import collect, trainable_parameters
+from components.rl.rollout import TokenMask, collect, masked_logits, trainable_parameters
 from components.sections import Section
 
 
@@ -245,9 +251,27 @@ def entropy(logits: torch.Tensor, mask: torch.Tensor) -> float:
     return float(masked_mean(-(logp.exp() * logp).sum(-1), mask))
 
 
+def normalised_head(score: torch.nn.Linear, mean: float, std: float) -> torch.nn.Linear:
+    """The reward model's scalar head with the reward normalisation of the reward source
+    (components/rewards/: (r - reward_mean) / reward_std) folded into its weight and bias:
+
+        (w . h + b - mean) / std = (w / std) . h + (b - mean) / std
+
+    A critic copied from the reward model then starts on the scale of the normalised rewards it
+    learns to predict, its value at the last token the normalised score (Huang et al. 2024, "The N+
+    Implementation Details of RLHF with PPO", arXiv 2403.17031: normalise inside the model)."""
+    head = torch.nn.Linear(score.in_features, score.out_features, device=score.weight.device, dtype=score.weight.dtype)
+    bias = score.bias if score.bias is not None else torch.zeros_like(head.bias)
+    with torch.no_grad():
+        head.weight.copy_(score.weight / std)
+        head.bias.copy_((bias - mean) / std)
+    return head
+
+
 def make_critic(run: RLInputs, cfg: PPOConfig):
     """A value head on the policy's trunk, or a separate network initialised from the reward
-    model (InstructGPT), which must then be a reward model on the policy's own tokens."""
+    model (InstructGPT), which must then be a reward model on the policy's own tokens; its head
+    outputs the normalised reward (`normalised_head`)."""
     if cfg.critic == "value_head":
         return ValueHead(run.policy.config.hidden_size)
     reward_net = getattr(run.reward, "model", None)
@@ -256,14 +280,27 @@ def make_critic(run: RLInputs, cfg: PPOConfig):
             "ppo.critic=separate starts the critic from a reward model on the policy's tokens; this reward source "
             "has none: set ppo.critic=value_head"
         )
-    return copy.deepcopy(reward_net).requires_grad_(True)
+    critic = copy.deepcopy(reward_net).requires_grad_(True)
+    critic.score = normalised_head(critic.score, reward_net.config.reward_mean, reward_net.config.reward_std)
+    return critic
 
 
-def train(run: RLInputs) -> tuple[torch.nn.Module, dict]:
+class PolicyMask(TokenMask, Protocol):
+    """A TokenMask (components/rl/rollout.py) that follows the policy through training, as NLPO's
+    does: `after_iteration(iterations, policy)` is called once each iteration's update is done,
+    and `models`, the networks it keeps, are checkpointed with the policy and critic."""
+
+    models: dict[str, torch.nn.Module]
+
+    def after_iteration(self, iterations: int, policy) -> None: ...
+
+
+def train(run: RLInputs, token_mask: PolicyMask | None = None) -> tuple[torch.nn.Module, dict]:
     """Run `cfg.steps` PPO iterations in place on the policy and a new critic; returns the policy
-    and the last metrics.
+    and the last metrics. With a `token_mask` the policy samples from its distribution
+    renormalised over the allowed tokens, and the ratio compares those masked distributions.
 
-    The policy, critic, optimizer, KL coefficient and RNG states are checkpointed every
+    The policy, critic, mask, optimizer, KL coefficient and RNG states are checkpointed every
     `cfg.checkpoint_every` steps in `run.checkpoint_dir`, and a killed run resumes from the latest.
     """
     cfg: PPOConfig = run.config
@@ -287,7 +324,8 @@ def train(run: RLInputs) -> tuple[torch.nn.Module, dict]:
     metrics: dict = {}
     start = 0
     checkpoint_dir = run.checkpoint_dir
-    restored = checkpoint.load_latest(checkpoint_dir, {"policy": policy, "critic": critic}, optimizer)
+    models = {"policy": policy, "critic": critic, **(token_mask.models if token_mask is not None else {})}
+    restored = checkpoint.load_latest(checkpoint_dir, models, optimizer)
     if restored is not None:
         state, _ = restored
         start, kl_controller.value, metrics = state["step"], state["kl_coef"], state["metrics"]
@@ -296,15 +334,18 @@ def train(run: RLInputs) -> tuple[torch.nn.Module, dict]:
         # 1. rollout. Models stay in eval mode throughout: dropout would make the update's
         # log-probs differ from the rollout's at ratio 1 and bias clipping.
         batch_prompts = rng.sample(prompts, k=min(cfg.batch_size, len(prompts)))
-        experience = collect(policy, ref_policy, reward, tokenizer, batch_prompts, 1, sampling, cfg.missing_eos_penalty)
-        rollout, mask = experience.rollout, experience.mask
-        old_logprobs, ref_logprobs, scores = experience.logprobs, experience.ref_logprobs, experience.scores
+        experience = collect(
+            policy, ref_policy, reward, tokenizer, batch_prompts, 1, sampling, cfg.missing_eos_penalty, token_mask
+        )
+        rollout, mask, allowed = experience.rollout, experience.mask, experience.allowed
+        old_logprobs, ref_logprobs, scores = experience.behaviour_logprobs, experience.ref_logprobs, experience.scores
         eos = torch.tensor(rollout.ended_with_eos, dtype=torch.float)
         with torch.no_grad():
             old_values = critic_values(policy, critic, rollout).cpu() * mask
 
-            # 2. rewards with the per-token KL penalty
-            kl = kl_per_token(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
+            # 2. rewards with the per-token KL penalty: of the policy's own log-probs, unmasked, as
+            # RL4LMs penalises NLPO's (kl_div = raw_log_probs - ref_log_probs)
+            kl = kl_per_token(experience.logprobs, ref_logprobs, cfg.kl_estimator) * mask
             kl_coef = kl_controller.value
             rewards = per_token_rewards(scores, kl, mask, kl_coef)
             if cfg.whiten_rewards:
@@ -322,6 +363,8 @@ def train(run: RLInputs) -> tuple[torch.nn.Module, dict]:
                 mb_mask = mask[idx]
                 logits, values = logits_and_values(policy, critic, mb, temperature)
                 logits, values = logits.cpu(), values.cpu()
+                if allowed is not None:
+                    logits = masked_logits(logits, allowed[idx])
                 logprobs = lm.logprobs_of(logits, mb.response_ids)
                 pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.cliprange)
                 vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.cliprange_value)
@@ -339,6 +382,8 @@ def train(run: RLInputs) -> tuple[torch.nn.Module, dict]:
                 }
                 for key, value in stats.items():
                     update_stats.setdefault(key, []).append(value)
+        if token_mask is not None:
+            token_mask.after_iteration(step + 1, policy)
 
         lengths = mask.sum(1)
         metrics = {
@@ -351,10 +396,12 @@ def train(run: RLInputs) -> tuple[torch.nn.Module, dict]:
             "eos_rate": float(eos.mean()),
             **{key: float(np.mean(values)) for key, values in update_stats.items()},
         }
+        if allowed is not None:
+            metrics["allowed_tokens"] = float(masked_mean(allowed.sum(-1).float(), mask))
         kl_controller.update(metrics["kl"], len(batch_prompts))
         run.log(metrics, step)
         run.probe(step + 1, cfg.steps)
         if checkpoint_dir is not None and ((step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps):
             state = {"kl_coef": kl_controller.value, "rng": checkpoint.random_state(rng), "metrics": metrics}
-            checkpoint.save(checkpoint_dir, step + 1, {"policy": policy, "critic": critic}, optimizer, state)
+            checkpoint.save(checkpoint_dir, step + 1, models, optimizer, state)
     return policy, metrics

@@ -8,16 +8,25 @@ the last response token; methods that need per-token rewards put it there (PPO).
 
 With a LoRA policy (peft) and no separate reference, the reference is the base model with the
 adapter disabled: one copy of the weights in memory.
+
+A `TokenMask` restricts the tokens the policy may sample at each step (NLPO's top-p mask,
+components/rl/nlpo.py): the policy then samples from its distribution renormalised over the
+allowed tokens, and the experience records the masks and that distribution's log-probs, which the
+update computes again on the same masks (`masked_logits`) for its ratio.
 """
 
 from __future__ import annotations
 
 import contextlib
+import random
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
 
 import torch
+from transformers import LogitsProcessor
 
-from components.models import lm
+from components.models import checkpoint, lm
 from components.sections import SamplingConfig
 
 
@@ -26,20 +35,47 @@ class Experience:
     """K responses per prompt, rows grouped by prompt: row i answers prompt i // k."""
 
     rollout: lm.Rollout
-    logprobs: torch.Tensor  # (B, R) behaviour policy, at sampling temperature
+    logprobs: torch.Tensor  # (B, R) the policy's, at sampling temperature (unmasked: see behaviour_logprobs)
     ref_logprobs: torch.Tensor  # (B, R)
     scores: torch.Tensor  # (B,) normalised reward minus the missing-EOS penalty
     k: int
+    allowed: torch.Tensor | None = None  # (B, R, V) bool: the tokens a TokenMask let the policy sample
+    masked_logprobs: torch.Tensor | None = None  # (B, R) of the policy renormalised over `allowed`
 
     @property
     def mask(self) -> torch.Tensor:
         return self.rollout.response_mask.float()
 
+    @property
+    def behaviour_logprobs(self) -> torch.Tensor:
+        """Log-probs of the distribution that sampled: the masked one when a TokenMask restricted it."""
+        return self.logprobs if self.masked_logprobs is None else self.masked_logprobs
+
     def select(self, index: torch.Tensor) -> "Experience":
         """Rows `index` (the grouping by prompt holds only when whole groups are selected)."""
+        masked = [None if x is None else x[index] for x in (self.allowed, self.masked_logprobs)]
         return Experience(
-            self.rollout.select(index), self.logprobs[index], self.ref_logprobs[index], self.scores[index], self.k
+            self.rollout.select(index), self.logprobs[index], self.ref_logprobs[index], self.scores[index], self.k,
+            *masked,
         )
+
+
+class TokenMask(Protocol):
+    """Which tokens the policy may sample at each step. `processor(prompt_mask)` is the
+    LogitsProcessor that `generate` applies (the other tokens' logits set to -inf), given the
+    prompts' attention mask; after the generation, `applied()` is the (B, R, V) boolean mask it
+    applied at the R response positions."""
+
+    def processor(self, prompt_mask: torch.Tensor) -> LogitsProcessor: ...
+
+    def applied(self) -> torch.Tensor: ...
+
+
+def masked_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """`logits` with the tokens outside `allowed` at the dtype's lowest value: their softmax is the
+    policy renormalised over the allowed tokens, pi(a) 1[a allowed] / sum_{a' allowed} pi(a').
+    Finite rather than -inf, so that an entropy's p log p over them is 0 rather than NaN."""
+    return logits.masked_fill(~allowed.to(logits.device), torch.finfo(logits.dtype).min)
 
 
 @contextlib.contextmanager
@@ -52,10 +88,15 @@ def reference(policy, ref_policy):
             yield policy
 
 
-def generate(policy, tokenizer, prompts: list[str], k: int, sampling: SamplingConfig) -> lm.Rollout:
-    """K samples for each prompt in one batch, grouped by prompt."""
+def generate(
+    policy, tokenizer, prompts: list[str], k: int, sampling: SamplingConfig, token_mask: TokenMask | None = None
+) -> lm.Rollout:
+    """K samples for each prompt in one batch, grouped by prompt (restricted by `token_mask`, if any)."""
     repeated = [prompt for prompt in prompts for _ in range(k)]
-    return lm.sample(policy, tokenizer, repeated, sampling.max_new_tokens, sampling.temperature, sampling.top_p)
+    processor = token_mask.processor if token_mask is not None else None
+    return lm.sample(
+        policy, tokenizer, repeated, sampling.max_new_tokens, sampling.temperature, sampling.top_p, processor
+    )
 
 
 @torch.no_grad()
@@ -73,13 +114,71 @@ def trainable_parameters(*models) -> list[torch.nn.Parameter]:
 
 def collect(
     policy, ref_policy, reward, tokenizer, prompts: list[str], k: int, sampling: SamplingConfig,
-    missing_eos_penalty: float,
+    missing_eos_penalty: float, token_mask: TokenMask | None = None,
 ) -> Experience:
-    """Sample K responses per prompt and record log-probs, reference log-probs and scores."""
-    rollout = generate(policy, tokenizer, prompts, k, sampling)
-    with torch.no_grad():
-        logprobs = lm.response_logprobs(policy, rollout, sampling.temperature).cpu()
-        with reference(policy, ref_policy) as ref:
-            ref_logprobs = lm.response_logprobs(ref, rollout, sampling.temperature).cpu()
+    """Sample K responses per prompt and record log-probs, reference log-probs and scores; with a
+    `token_mask`, also the masks it applied and the log-probs of the masked distribution."""
+    rollout = generate(policy, tokenizer, prompts, k, sampling, token_mask)
     mask = rollout.response_mask.float()
-    return Experience(rollout, logprobs * mask, ref_logprobs * mask, score(reward, rollout, missing_eos_penalty), k)
+    # the padding after a response allows every token, so that its log-probs stay finite
+    allowed = None if token_mask is None else token_mask.applied() | ~rollout.response_mask.bool().unsqueeze(-1)
+    logprobs, masked = policy_logprobs(policy, rollout, sampling.temperature, allowed)
+    with torch.no_grad(), reference(policy, ref_policy) as ref:
+        ref_logprobs = lm.response_logprobs(ref, rollout, sampling.temperature).cpu()
+    scores = score(reward, rollout, missing_eos_penalty)
+    return Experience(
+        rollout, logprobs * mask, ref_logprobs * mask, scores, k, allowed, None if masked is None else masked * mask
+    )
+
+
+@torch.no_grad()
+def policy_logprobs(
+    policy, rollout: lm.Rollout, temperature: float, allowed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The policy's log-probs of the response tokens and, given the `allowed` tokens, those of its
+    distribution renormalised over them (None without), from one forward pass; on the CPU."""
+    logits = lm.response_logits(policy, rollout, temperature)
+    tokens = rollout.response_ids.to(logits.device)
+    masked = None if allowed is None else lm.logprobs_of(masked_logits(logits, allowed), tokens).cpu()
+    return lm.logprobs_of(logits, tokens).cpu(), masked
+
+
+def eval_mode(policy, ref_policy) -> None:
+    """Both models in eval mode for the whole run, the reference frozen: dropout would make the
+    log-probs of an update differ from those of the sampler (and, at the first step, the policy's
+    from the reference's, which it equals)."""
+    for model in (policy, ref_policy):
+        if model is not None:
+            model.eval()
+    if ref_policy is not None:
+        ref_policy.requires_grad_(False)
+
+
+class LoopCheckpoints:
+    """The checkpoints of an iterative RL loop (components/models/checkpoint.py): `models`, the
+    optimizer, the torch RNG and the prompt sampler `rng`, after every `every`-th iteration and
+    after the last of `total`, in `folder` (None: no checkpoints). A killed run that calls
+    `resume` first continues from the newest one with the same weights and random streams."""
+
+    def __init__(
+        self, folder: Path | None, models: dict[str, torch.nn.Module], optimizer: torch.optim.Optimizer,
+        rng: random.Random, every: int, total: int,
+    ):
+        self.folder, self.models, self.optimizer, self.rng = folder, models, optimizer, rng
+        self.every, self.total = every, total
+
+    def resume(self) -> tuple[int, dict]:
+        """Restore the newest checkpoint; returns (iterations done, the metrics of the last one),
+        (0, {}) when there is none."""
+        restored = checkpoint.load_latest(self.folder, self.models, self.optimizer)
+        if restored is None:
+            return 0, {}
+        state, _ = restored
+        checkpoint.set_random_state(self.rng, state["rng"])
+        return state["step"], state["metrics"]
+
+    def done(self, iterations: int, metrics: dict) -> None:
+        """Called after each iteration (`iterations` done so far): checkpoints when one is due."""
+        if self.folder is not None and (iterations % self.every == 0 or iterations == self.total):
+            state = {"rng": checkpoint.random_state(self.rng), "metrics": metrics}
+            checkpoint.save(self.folder, iterations, self.models, self.optimizer, state)
