@@ -199,7 +199,8 @@ RESUMED = {
     "grpo": GRPOConfig(steps=3, batch_size=4, group_size=2, minibatch_size=4, update_epochs=2, lr=1e-3,
                        kl_in_reward=True, scale_rewards=False, loss_agg_mode="seq-mean-token-sum-norm",
                        checkpoint_every=1),
-    "rloo": RLOOConfig(steps=3, batch_size=4, k=2, update_epochs=1, lr=1e-3, kl_estimator="k3", checkpoint_every=1),
+    "rloo": RLOOConfig(steps=3, batch_size=4, k=2, minibatch_size=None, update_epochs=1, lr=1e-3, kl_estimator="k3",
+                       checkpoint_every=1),
 }
 
 

@@ -39,7 +39,7 @@ KILLED = {
                "--set", f"{name}.checkpoint_every=1", "--set", f"{name}.batch_size=4", *group]
         for name, group in {
             "grpo": ["--set", "grpo.group_size=2", "--set", "grpo.minibatch_size=4"],
-            "rloo": ["--set", "rloo.k=2"],
+            "rloo": ["--set", "rloo.k=2", "--set", "rloo.minibatch_size=8"],
             "online_dpo": [],
             "nlpo": ["--set", "nlpo.minibatch_size=2", "--set", "nlpo.ppo_epochs=1",
                      "--set", "nlpo.mask_update_every=2"],
@@ -142,7 +142,7 @@ TINY_METHODS = {
     "best_of_n": {"best_of_n": {"n": 4, "n_prompts": 8, "batch_size": 4, "epochs": 1}},
     "dpo": {"dpo": {"batch_size": 8, "lr": 1e-4}},
     "grpo": {"grpo": {"steps": 2, "batch_size": 4, "group_size": 2, "minibatch_size": 4}},
-    "rloo": {"rloo": {"steps": 2, "batch_size": 4, "k": 2}},
+    "rloo": {"rloo": {"steps": 2, "batch_size": 4, "k": 2, "minibatch_size": 8}},
     "online_dpo": {"online_dpo": {"steps": 2, "batch_size": 4}},
 }
 

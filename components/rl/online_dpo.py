@@ -50,7 +50,7 @@ class OnlineDPOConfig(Section):
     """Online DPO (Guo et al. 2024): two samples per prompt from the current policy, labelled by
     the reward source or the pipeline's labeler, one DPO step on the pairs per iteration."""
 
-    steps: int = Field(20, ge=1, description="sample-label-update iterations, one gradient step each")
+    steps: int = Field(40, ge=1, description="sample-label-update iterations, one gradient step each")
     batch_size: int = Field(64, ge=1, description="prompts per iteration, two responses each")
     labeler: Literal["reward", "label"] = Field(
         "reward",

@@ -42,17 +42,17 @@ class RLOOConfig(Section):
     the SFT reference included) with the mean reward of the other k - 1 responses as baseline."""
 
     steps: int = Field(20, ge=1, description="rollout-and-update iterations")
-    batch_size: int = Field(16, ge=1, description="prompts per rollout, k responses each")
+    batch_size: int = Field(32, ge=1, description="prompts per rollout, k responses each")
     k: int = Field(
         4, ge=2, description="responses sampled per prompt (the paper's k; the baseline of one is the other k - 1)"
     )
     minibatch_size: int | None = Field(
-        None, ge=1, description="responses per gradient step; None: the whole rollout (batch_size * k), one step"
+        32, ge=1, description="responses per gradient step; None: the whole rollout (batch_size * k), one step"
     )
     update_epochs: int = Field(
         1, ge=1, description="passes over each rollout; more than 1 reuses it with the PPO-clipped ratio (TRL)"
     )
-    lr: float = Field(5e-5, gt=0, description="AdamW learning rate of the policy (or its LoRA adapters)")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate of the policy (or its LoRA adapters)")
     kl_coef: float = Field(
         0.05, ge=0, description="beta of the sequence-level KL penalty to the SFT reference in the reward"
     )
