@@ -29,11 +29,11 @@ def win_rate(ours: list[float], theirs: list[float]) -> float:
 
 
 def sequence_kl(policy, ref_policy, rollout: lm.Rollout, temperature: float) -> torch.Tensor:
+    """sum_t log pi(y_t) - log pi_ref(y_t) per row, on the CPU: the RL stage's frontier probe has
+    the policy on the accelerator and, beside a LoRA policy, the SFT policy on the CPU."""
     with torch.no_grad():
-        log_ratio = lm.response_logprobs(policy, rollout, temperature) - lm.response_logprobs(
-            ref_policy, rollout, temperature
-        )
-    return (log_ratio * rollout.response_mask).sum(1)
+        logprobs, ref_logprobs = (lm.response_logprobs(m, rollout, temperature).cpu() for m in (policy, ref_policy))
+    return ((logprobs - ref_logprobs) * rollout.response_mask).sum(1)
 
 
 def evaluate(

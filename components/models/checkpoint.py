@@ -1,8 +1,9 @@
 """Checkpoints of the RL loops (PPO, P3O): a run killed at any point resumes where it stopped.
 
 A checkpoint is a folder `step-NNNNNNNN` holding each model's weights (safetensors), the
-optimizer's state (loaded with `weights_only=True`), the torch RNG state, replay data as tensors
-(safetensors) and the loop's own state as JSON (step, KL coefficient, the prompt sampler's RNG).
+optimizer's state (loaded with `weights_only=True`), the torch RNG states (the GPU's too), replay
+data as tensors (safetensors) and the loop's own state as JSON (step, KL coefficient, the prompt
+sampler's RNG). It loads on any device, whichever wrote it.
 It is written to a temporary folder and renamed, so a kill mid-save leaves the previous one
 intact; older checkpoints are then removed. The supervised trainers checkpoint through
 `accelerate` instead (components/training.py).
@@ -32,7 +33,10 @@ def save(
     for name, model in models.items():
         save_model(model, str(partial / f"{name}.safetensors"))
     torch.save(optimizer.state_dict(), partial / "optimizer.pt")
-    save_file({"torch_rng": torch.get_rng_state(), **(tensors or {})}, str(partial / "tensors.safetensors"))
+    rng = {"torch_rng": torch.get_rng_state()}
+    if torch.cuda.is_available():  # a GPU samples from its own generator
+        rng["cuda_rng"] = torch.cuda.get_rng_state()
+    save_file({**rng, **(tensors or {})}, str(partial / "tensors.safetensors"))
     (partial / STATE).write_text(json.dumps({"step": step, **state}))
     os.replace(partial, final)
     for old in folder.glob("step-*"):
@@ -50,10 +54,14 @@ def load_latest(
         return None
     latest = done[-1]
     for name, model in models.items():
-        load_model(model, str(latest / f"{name}.safetensors"))
-    optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True))
+        load_model(model, str(latest / f"{name}.safetensors"))  # read to the CPU, copied to the model's device
+    # on the CPU, whatever device wrote it; the optimizer moves its state to its parameters' device
+    optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=True, map_location="cpu"))
     tensors = load_file(str(latest / "tensors.safetensors"))
     torch.set_rng_state(tensors.pop("torch_rng"))
+    cuda_rng = tensors.pop("cuda_rng", None)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_rng)
     return json.loads((latest / STATE).read_text()), tensors
 
 

@@ -79,15 +79,30 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fra
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
-    """An Accelerator for this process; `auto` means bf16 where a CUDA GPU supports it."""
+def resolve_precision(mixed_precision: str) -> str:
+    """`no` or `bf16`: `auto` means bf16 where a CUDA GPU supports it."""
     if mixed_precision == "auto":
-        mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return mixed_precision
+
+
+def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
+    """An Accelerator for this process, in `resolve_precision(mixed_precision)`."""
     # cpu=True without CUDA: under `accelerate launch --multi_gpu` the processes then join over gloo.
     # The scheduler counts optimizer steps, not per-process batches.
     return Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=mixed_precision, step_scheduler_with_optimizer=False
+        cpu=not torch.cuda.is_available(), mixed_precision=resolve_precision(mixed_precision),
+        step_scheduler_with_optimizer=False,
     )
+
+
+def placement(mixed_precision: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """The device and the autocast dtype that `make_accelerator(mixed_precision)` computes in: this
+    process's accelerate device, and bf16 under mixed precision, else float32 (no autocast).
+    Without building an Accelerator: accelerate fixes its precision once per process, and the RL
+    stage also runs the reward trainer, in the reward section's precision."""
+    device = PartialState(cpu=not torch.cuda.is_available()).device
+    return device, torch.bfloat16 if resolve_precision(mixed_precision) == "bf16" else torch.float32
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -4,7 +4,7 @@ Round r trains the policy with the configured method; after every round but the 
 policy answers sampled training prompts K times, the configured labeler labels the answers, the
 new pairs join the preference set (offline methods such as DPO train on them) and a trainable
 reward source (a reward model) is trained further on them. Nothing here knows a method or a
-labeler by name.
+labeler by name. The method runs on the accelerator (components/rl/rollout.py, `on_accelerator`).
 
 Each finished round is saved whole (written to a temporary folder, then renamed), so a killed run
 resumes in the round it was in; a method that checkpoints (PPO, P3O) also resumes inside it, from
@@ -28,6 +28,7 @@ from components.data.records import PreferencePair
 from components.files import read_jsonl, write_jsonl
 from components.models import lm
 from components.rl.base import RLInputs, RLMethod
+from components.rl.rollout import on_accelerator
 from components.sections import RewardConfig, SamplingConfig
 
 ROUND_STEPS = 10_000  # MLflow and frontier steps of round r start at r * ROUND_STEPS, so they keep increasing
@@ -96,13 +97,16 @@ def train_rounds(
     for round_ in range(done, rounds):
         offset = round_ * ROUND_STEPS
         probe = probe_for(round_, policy)
-        if round_ == 0:
-            probe(0, 1)
-        policy, metrics = method.train(replace(
+        round_run = replace(
             run, policy=policy, pairs=pairs, seed=run.seed + round_, probe=probe,
             log=lambda values, step, offset=offset: run.log(values, offset + step),
             checkpoint_dir=folder / f"round-{round_}",
-        ))
+        )
+        # the method alone: the reward model's update below trains in the reward section's precision
+        with on_accelerator(round_run):
+            if round_ == 0:
+                probe(0, 1)
+            policy, metrics = method.train(round_run)
         if round_ + 1 < rounds:
             fresh, stats = fresh_pairs(policy, run.tokenizer, run.prompts, feedback, run.seed + round_ + 1)
             pairs = pairs + fresh

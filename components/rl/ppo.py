@@ -273,7 +273,7 @@ def make_critic(run: RLInputs, cfg: PPOConfig):
     model (InstructGPT), which must then be a reward model on the policy's own tokens; its head
     outputs the normalised reward (`normalised_head`)."""
     if cfg.critic == "value_head":
-        return ValueHead(run.policy.config.hidden_size)
+        return ValueHead(run.policy.config.hidden_size).to(next(run.policy.parameters()).device)
     reward_net = getattr(run.reward, "model", None)
     if reward_net is None or getattr(run.reward, "text", False):
         raise ValueError(
@@ -360,14 +360,18 @@ def train(run: RLInputs, token_mask: PolicyMask | None = None) -> tuple[torch.nn
         for _ in range(cfg.ppo_epochs):
             for idx in torch.randperm(len(batch_prompts)).split(cfg.minibatch_size):
                 mb = rollout.select(idx)
-                mb_mask = mask[idx]
                 logits, values = logits_and_values(policy, critic, mb, temperature)
-                logits, values = logits.cpu(), values.cpu()
+                device = logits.device  # the rollout's tensors join the model's outputs there
+                mb_mask = mask[idx].to(device)
                 if allowed is not None:
                     logits = masked_logits(logits, allowed[idx])
                 logprobs = lm.logprobs_of(logits, mb.response_ids)
-                pg_loss, pg_stats = policy_loss(logprobs, old_logprobs[idx], advantages[idx], mb_mask, cfg.cliprange)
-                vf_loss, vf_stats = value_loss(values, old_values[idx], returns[idx], mb_mask, cfg.cliprange_value)
+                pg_loss, pg_stats = policy_loss(
+                    logprobs, old_logprobs[idx].to(device), advantages[idx].to(device), mb_mask, cfg.cliprange
+                )
+                vf_loss, vf_stats = value_loss(
+                    values, old_values[idx].to(device), returns[idx].to(device), mb_mask, cfg.cliprange_value
+                )
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -9,6 +9,8 @@ the last response token; methods that need per-token rewards put it there (PPO).
 With a LoRA policy (peft) and no separate reference, the reference is the base model with the
 adapter disabled: one copy of the weights in memory.
 
+`on_accelerator` runs a method on the accelerator the trainers use, in bf16 where they would.
+
 A `TokenMask` restricts the tokens the policy may sample at each step (NLPO's top-p mask,
 components/rl/nlpo.py): the policy then samples from its distribution renormalised over the
 allowed tokens, and the experience records the masks and that distribution's log-probs, which the
@@ -26,7 +28,8 @@ from typing import Protocol
 import torch
 from transformers import LogitsProcessor
 
-from components.models import checkpoint, lm
+from components.models import checkpoint, lm, training
+from components.rl.base import RLInputs
 from components.sections import SamplingConfig
 
 
@@ -86,6 +89,28 @@ def reference(policy, ref_policy):
     else:
         with policy.disable_adapter():
             yield policy
+
+
+@contextlib.contextmanager
+def on_accelerator(run: RLInputs, mixed_precision: str | None = None):
+    """Run an RL method where the supervised trainers train (components/models/training.py,
+    `placement`): policy, reference and reward model move to this process's device, where they
+    stay, and every forward pass inside autocasts to bf16 where mixed precision is on (`auto`: a
+    CUDA GPU with bf16). Weights, gradients and optimizer state stay float32, as under the
+    trainers' autocast: bf16 weights would round away small updates.
+
+    `mixed_precision`: auto, no or bf16; None takes the method section's own where it is a
+    trainer's section (ReST's, best-of-n's, DPO's: their fine-tuning computes alike), else auto."""
+    if mixed_precision is None:
+        mixed_precision = getattr(run.config, "mixed_precision", "auto")
+    device, dtype = training.placement(mixed_precision)
+    for model in (run.policy, run.reference, getattr(run.reward, "model", None)):
+        if model is not None:
+            model.to(device)
+    # around the whole method, so that every forward is covered (sampling, the reward model, a new
+    # method's own); backward reuses the dtypes of the forward, and the optimizer's ops do not autocast
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        yield
 
 
 def generate(
