@@ -231,6 +231,10 @@ class RewardConfig(TrainerConfig):
         "(InstructGPT); plackett_luce: the likelihood of each prompt's full ranking",
     )
     use_margin: bool = Field(False, description="subtract each pair's margin inside the Bradley-Terry loss (Llama 2)")
+    prefix_sharing: bool = Field(
+        True, description="bradley_terry on a causal backbone: each pair in one row, the shared prefix computed once "
+        "(Wang and Hegde 2024); needs the sdpa or eager attention. False: one row per response"
+    )
 
 
 class LoRASettings(Section):
@@ -251,6 +255,14 @@ class DPOConfig(TrainerConfig, LoRASettings):
     )
     beta: float = Field(0.1, gt=0, description="strength of the implicit KL constraint (tau of IPO)")
     label_smoothing: float = Field(0.1, ge=0, lt=0.5, description="cdpo: assumed probability that a label is flipped")
+    ipo_token_mean: bool = Field(
+        False, description="ipo: each log-ratio divided by its completion's token count (TRL's form); false: the "
+        "sequence log-ratios of the paper's eq. 17"
+    )
+    prefix_sharing: bool = Field(
+        True, description="each pair in one row, [prompt | chosen | rejected], the prompt computed once (Wang and Hegde "
+        "2024); needs the sdpa or eager attention. False: two rows, [prompt | chosen] and [prompt | rejected]"
+    )
     precompute_ref_logprobs: bool = Field(
         True, description="reference log-probs computed once before training and cached; False: on every step"
     )

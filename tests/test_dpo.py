@@ -1,6 +1,7 @@
 """DPO, IPO and cDPO: the pure loss against hand-computed numbers and finite differences, the loss
-and every parameter gradient against TRL 1.16's DPOTrainer, LoRA with the adapter-disabled
-reference, the reference cache, resuming, and `run` end to end on a tiny GPT-2."""
+and every parameter gradient against TRL 1.16's DPOTrainer (with and without prefix sharing),
+LoRA with the adapter-disabled reference, the reference cache, resuming, and `run` end to end on a
+tiny GPT-2."""
 
 from __future__ import annotations
 
@@ -118,8 +119,9 @@ def test_ipo_hand_value():
     )
     torch.testing.assert_close(losses, t([0.25, 2.25]), atol=1e-12, rtol=0)
     torch.testing.assert_close(rejected_rewards, t([-0.5, 0.5]))
-    with pytest.raises(ValueError, match="lengths"):
-        dpo.dpo_loss(**LOGPROBS, beta=0.5, loss_type="ipo")
+    # without lengths, eq. 17 as written: h = c - r = [1 - (-1), 0 - 1] = [2, -1]; L = (h - 1)^2 = [1, 4]
+    losses, _, _ = dpo.dpo_loss(**LOGPROBS, beta=0.5, loss_type="ipo")
+    torch.testing.assert_close(losses, t([1.0, 4.0]), atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "cdpo", "ipo"])
@@ -174,6 +176,16 @@ def test_encode_appends_eos_and_fits_the_context(setup):
     assert lengths.tolist() == [len(t.chosen) for t in tokens] + [len(t.rejected) for t in tokens]
     torch.testing.assert_close(logprobs, torch.stack(alone).T.reshape(-1))
 
+    # prefix sharing: one row per pair, the same tokens, the same log-probs and lengths
+    packed = dpo.model_input(tokenizer, pairs, tokens, prefix_sharing=True)
+    assert packed.input_ids.shape == (len(pairs), max(len(t.prompt) + len(t.chosen) + len(t.rejected) for t in tokens))
+    assert torch.equal(packed.response_ids, batch.response_ids)
+    assert torch.equal(packed.response_mask, batch.response_mask)
+    with torch.no_grad():
+        packed_logprobs, packed_lengths = dpo.sequence_logprobs(model, packed)
+    assert torch.equal(packed_lengths, lengths)
+    torch.testing.assert_close(packed_logprobs, logprobs, atol=1e-5, rtol=0)
+
 
 # --------------------------------------------------------------------------------------------
 # TRL 1.16 DPOTrainer
@@ -211,8 +223,9 @@ TRL_ARGS = {
 }
 
 
+@pytest.mark.parametrize("prefix_sharing", [True, False])
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "cdpo"])
-def test_loss_and_gradients_equal_trl(setup, tmp_path, loss_type):
+def test_loss_and_gradients_equal_trl(setup, tmp_path, loss_type, prefix_sharing):
     tokenizer, model = setup
     beta = 0.3
     policy = perturbed(model)
@@ -220,7 +233,9 @@ def test_loss_and_gradients_equal_trl(setup, tmp_path, loss_type):
         copy.deepcopy(policy), copy.deepcopy(model), tokenizer, PAIRS, tmp_path, beta=beta, **TRL_ARGS[loss_type]
     )
 
-    cfg = DPOConfig(loss_type=loss_type, beta=beta, label_smoothing=EPS)
+    cfg = DPOConfig(  # ipo_token_mean: TRL's ipo
+        loss_type=loss_type, beta=beta, label_smoothing=EPS, ipo_token_mean=True, prefix_sharing=prefix_sharing
+    )
     tokens = dpo.encode_pairs(tokenizer, PAIRS, MAX_LENGTH)
     objective = dpo.DPOObjective(tokenizer, PAIRS, tokens, cfg, ref_model=copy.deepcopy(model))
     loss_sum, _ = objective.loss(policy, list(range(len(PAIRS))))

@@ -1,4 +1,5 @@
-"""Losses and PPO arithmetic checked against hand-computed numbers and finite differences."""
+"""Losses and PPO arithmetic checked against hand-computed numbers and finite differences; chunked
+log-probabilities against the full log-softmax."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from components.models import lm
 from components.rl import ppo
 from components.trainers import reward_model, sft
 
@@ -392,3 +394,69 @@ def test_fixed_kl_controller_never_moves():
     controller = ppo.FixedKLController(0.05)
     controller.update(100.0, 64)
     assert controller.value == 0.05
+
+
+# --------------------------------------------------------------------------------------------
+# lm.logprobs_of, lm.head_logprobs: chunked log-probabilities
+# --------------------------------------------------------------------------------------------
+
+POSITIONS, HIDDEN, VOCAB, CHUNK = (3, 7), 16, 50, 4  # 21 positions: five chunks of 4 and one of 1
+
+
+def head_and_inputs():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(HIDDEN, VOCAB)  # its default initialisation: logits of a realistic scale
+    generator = torch.Generator().manual_seed(1)
+    hidden = torch.randn(*POSITIONS, HIDDEN, generator=generator).requires_grad_()
+    tokens = torch.randint(0, VOCAB, POSITIONS, generator=generator)
+    upstream = torch.randn(POSITIONS, generator=generator)  # a weighted sum: every position's gradient differs
+    return head, hidden, tokens, upstream
+
+
+def full_logprobs(logits, tokens):
+    return F.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def test_head_logprobs_equal_the_full_log_softmax():
+    head, hidden, tokens, upstream = head_and_inputs()
+    expected = full_logprobs(head(hidden), tokens)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), [hidden, head.weight, head.bias])
+    chunked = lm.head_logprobs(hidden, head, tokens, chunk_size=CHUNK)
+    grads = torch.autograd.grad((chunked * upstream).sum(), [hidden, head.weight, head.bias])
+    assert chunked.dtype == torch.float32
+    torch.testing.assert_close(chunked, expected, atol=1e-6, rtol=0)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(lm.head_logprobs(hidden, head, tokens, CHUNK), expected, atol=1e-6, rtol=0)
+
+
+def test_logprobs_of_equals_the_full_log_softmax():
+    head, hidden, tokens, upstream = head_and_inputs()
+    logits = head(hidden).detach().requires_grad_()
+    expected = full_logprobs(logits, tokens)
+    (expected_grad,) = torch.autograd.grad((expected * upstream).sum(), logits)
+    chunked = lm.logprobs_of(logits, tokens, chunk_size=CHUNK)
+    (grad,) = torch.autograd.grad((chunked * upstream).sum(), logits)
+    torch.testing.assert_close(chunked, expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-6, rtol=0)
+
+
+def test_head_logprobs_never_hold_all_logits():
+    """The head sees at most CHUNK positions at a time, forward and backward, and no logits are
+    kept for the backward pass (the chunks' hidden states are)."""
+    head, hidden, tokens, upstream = head_and_inputs()
+    head_rows, saved = [], []
+    head.register_forward_hook(lambda module, args, output: head_rows.append(output.shape[0]))
+
+    def keep(tensor):
+        saved.append(tensor.numel())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        logprobs = lm.head_logprobs(hidden, head, tokens, chunk_size=CHUNK)
+    forward_calls = len(head_rows)
+    (logprobs * upstream).sum().backward()
+    assert forward_calls == 6 and len(head_rows) == 12  # each chunk's logits recomputed in the backward pass
+    assert max(head_rows) == CHUNK
+    assert max(saved) < CHUNK * VOCAB

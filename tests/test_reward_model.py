@@ -1,6 +1,7 @@
 """Reward models: ranking and Plackett-Luce losses by hand and by finite differences, ranking
-recovery, the Bradley-Terry loss and its gradients against TRL 1.16's RewardTrainer, and the
-pretrained MiniLM encoder on real HH-RLHF pairs."""
+recovery, the Bradley-Terry loss and its gradients against TRL 1.16's RewardTrainer (with prefix
+sharing) and with prefix sharing against without, and the pretrained MiniLM encoder on real
+HH-RLHF pairs."""
 
 from __future__ import annotations
 
@@ -164,6 +165,35 @@ def test_bradley_terry_matches_trl_reward_trainer(gpt2_reward, tmp_path, use_mar
     grads = dict(theirs.named_parameters())
     for name, param in ours.named_parameters():
         assert torch.allclose(param.grad, grads[name].grad, atol=1e-5), name
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_prefix_sharing_gives_the_unshared_scores_loss_and_gradients(gpt2_reward, attention):
+    model, tokenizer = gpt2_reward
+    model.set_attn_implementation(attention)
+    # the last pair's responses share their first tokens. A context of 20 tokens cuts the start of the
+    # longer prompts (`encode` cuts the batch's first columns); one of 12 cuts a response's start too,
+    # and leaves other rows empty: that batch is scored without sharing
+    pairs = PAIRS + [PreferencePair("i would", " watch it again", " watch it")]
+    for context in (64, 20, 12):
+        tokenizer.model_max_length = context
+        results = {}
+        for prefix_sharing in (True, False):
+            candidate = copy.deepcopy(model)
+            objective = reward_model.PairwiseObjective(tokenizer, pairs, use_margin=True, prefix_sharing=prefix_sharing)
+            loss, metrics = objective.loss(candidate, list(range(len(pairs))))
+            loss.backward()
+            with torch.no_grad():
+                scores = reward_model._pair_rewards(candidate, tokenizer, pairs, prefix_sharing)
+            results[prefix_sharing] = loss, metrics, scores, dict(candidate.named_parameters())
+        (loss, metrics, scores, params), (expected_loss, expected_metrics, expected_scores, expected_params) = (
+            results[True], results[False]
+        )
+        for score, expected_score in zip(scores, expected_scores):
+            torch.testing.assert_close(score, expected_score, atol=1e-5, rtol=0)
+        assert loss.item() == pytest.approx(expected_loss.item(), abs=1e-5) and metrics == expected_metrics
+        for name, param in params.items():
+            torch.testing.assert_close(param.grad, expected_params[name].grad, atol=1e-5, rtol=0, msg=name)
 
 
 def test_ranking_objectives_on_single_pairs_equal_bradley_terry(gpt2_reward):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList,
@@ -119,9 +119,46 @@ def forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor):
     return model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask))
 
 
-def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log pi(token_t | ...) for each position, from logits aligned with `tokens`."""
-    return torch.gather(F.log_softmax(logits.float(), dim=-1), 2, tokens.unsqueeze(-1)).squeeze(-1)
+LOGPROB_CHUNK = 1024  # positions whose float32 logits exist at once in `logprobs_of` and `head_logprobs`
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor, chunk_size: int = LOGPROB_CHUNK) -> torch.Tensor:
+    """log pi(token_t | ...) for each position, from logits aligned with `tokens`, in float32 on
+    the logits' device (token ids are built on the CPU, logits where the model is).
+
+    Computed `chunk_size` positions at a time (`_chunked_logprobs`): the float32 copy of the
+    logits and their log-softmax never exist for the whole batch.
+    """
+    return _chunked_logprobs(lambda chunk: chunk, logits, tokens, chunk_size)
+
+
+def head_logprobs(
+    hidden: torch.Tensor, head: torch.nn.Module, tokens: torch.Tensor, chunk_size: int = LOGPROB_CHUNK
+) -> torch.Tensor:
+    """log pi(token_t | ...) for each position from the final hidden states (..., H) and the LM head
+    (`model.get_output_embeddings()`), in float32: the logits of `chunk_size` positions at a time,
+    so that no [positions, vocab] tensor exists, in the forward pass or the backward pass."""
+    return _chunked_logprobs(head, hidden, tokens, chunk_size)
+
+
+def _chunked_logprobs(to_logits: Callable, inputs: torch.Tensor, tokens: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """log softmax(to_logits(x_t))[token_t] = logit[token_t] - logsumexp(logits), in float32, over
+    chunks of `chunk_size` positions. With gradients each chunk is checkpointed: otherwise autograd
+    would keep every chunk's float32 logits for the backward pass, which instead recomputes them
+    one chunk at a time (for the head: one more matmul of the head per chunk)."""
+
+    def chunk_logprobs(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        logits = to_logits(x).float()
+        return logits.gather(-1, t.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+    def run(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return checkpoint(chunk_logprobs, x, t, use_reentrant=False)
+        return chunk_logprobs(x, t)
+
+    flat_inputs, flat_tokens = inputs.reshape(-1, inputs.shape[-1]), tokens.to(inputs.device).reshape(-1)
+    pieces = [run(x, t) for x, t in zip(flat_inputs.split(chunk_size), flat_tokens.split(chunk_size))]
+    return torch.cat(pieces).view(tokens.shape)
 
 
 def response_logits(model, batch: "Rollout", temperature: float = 1.0) -> torch.Tensor:

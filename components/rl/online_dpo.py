@@ -18,9 +18,10 @@ own samples at every step. One iteration:
 
        L = -mean log sigmoid(beta * [log pi(y_w|x)/pi_ref(y_w|x) - log pi(y_l|x)/pi_ref(y_l|x)])
 
-   or IPO's (`loss_type: ipo`). A log-prob is the sum over the sampled response tokens, EOS
-   included where one was sampled, at temperature 1 as TRL's trainer computes it: the sampling
-   temperature shapes exploration, the loss is on pi itself.
+   or IPO's (`loss_type: ipo`, each log-ratio divided by its token count, as TRL's). A log-prob
+   is the sum over the sampled response tokens, EOS included where one was sampled, at
+   temperature 1 as TRL's trainer computes it: the sampling temperature shapes exploration, the
+   loss is on pi itself.
 
 Every pair is labelled on-policy and used for one step, as in the paper's Algorithm 1 (TRL the
 same). Both models stay in eval mode: without dropout the policy equals the reference at the first

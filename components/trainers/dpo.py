@@ -5,10 +5,13 @@ the implicit reward of a completion is r(x, y) = beta * log(pi(y|x) / pi_ref(y|x
 the Bradley-Terry loss on the chosen-minus-rejected reward. IPO (Azar et al. 2023) regresses the
 log-ratio difference onto 1 / (2 beta) instead; cDPO (Mitchell 2023) smooths the labels.
 
-A pair's chosen and rejected completions are scored in one forward pass over 2B rows,
-[chosen; rejected], in lm's Rollout layout (prompt left-padded, completion + EOS right-padded); a
-completion's log-prob is the sum over its tokens, the EOS included: the policy is also trained on
-where to stop.
+A pair's chosen and rejected completions are scored in one forward pass. With prefix sharing
+(`DPOConfig.prefix_sharing`, Wang and Hegde 2024) each pair is one row [prompt | chosen |
+rejected] whose attention mask keeps the responses apart (components/models/packing.py): the
+prompt is computed once, not twice. Without it the batch is 2B rows, [chosen; rejected], in lm's
+Rollout layout (prompt left-padded, completion + EOS right-padded). Both give the same log-probs.
+A completion's log-prob is the sum over its tokens, the EOS included: the policy is also trained
+on where to stop.
 
 The reference log-probs are either computed once before training and cached in the checkpoint
 folder (a resumed run reads them back), or on every step under no_grad. With LoRA (peft) the
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from components.models import lm, lora
+from components.models import lm, lora, packing
 from components.sections import DPOConfig
 from components.data.rows import read_training_file
 from components.data.records import PreferencePair
@@ -64,13 +67,14 @@ def dpo_loss(
         sigmoid (DPO, Rafailov et al. 2023, eq. 7):  L = -log sigmoid(beta * h)
         cdpo (Mitchell 2023, "A note on DPO with noisy preferences"), eps = label_smoothing:
                                                      L = -(1 - eps) log sigmoid(beta * h) - eps log sigmoid(-beta * h)
-        ipo (Azar et al. 2023, eq. 17), tau = beta:  L = (c / |y_w| - r / |y_l| - 1 / (2 tau))^2
+        ipo (Azar et al. 2023, eq. 17), tau = beta:  L = (h - 1 / (2 tau))^2
 
-    IPO divides each log-ratio by its completion's token count (`chosen_lengths`,
-    `rejected_lengths`, EOS included), exactly as TRL 1.16's "ipo" does (its comment says the IPO
-    authors confirmed this form): eq. 17 is written on sequence log-probs, whose sums would make the
-    squared loss grow with the completion length. Rewards (Rafailov et al. 2023, section 5) are beta * c and beta * r
-    for all three losses, detached: they are reported, not optimised.
+    IPO given the completions' token counts (`chosen_lengths`, `rejected_lengths`, EOS included)
+    divides each log-ratio by its count, h = c / |y_w| - r / |y_l|, as TRL 1.16's "ipo" does (its
+    comment says the IPO authors confirmed this form, which keeps the squared loss from growing with
+    the completion length); without them it is eq. 17 as written, on sequence log-ratios.
+    Rewards (Rafailov et al. 2023, section 5) are beta * c and beta * r for all three losses,
+    detached: they are reported, not optimised.
     """
     chosen_logratios = chosen_logprobs - ref_chosen_logprobs
     rejected_logratios = rejected_logprobs - ref_rejected_logprobs
@@ -80,9 +84,8 @@ def dpo_loss(
     elif loss_type == "cdpo":
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
     elif loss_type == "ipo":
-        if chosen_lengths is None or rejected_lengths is None:
-            raise ValueError("the ipo loss needs the completion lengths")
-        h = chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths
+        if chosen_lengths is not None and rejected_lengths is not None:
+            h = chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths
         losses = (h - 1 / (2 * beta)) ** 2
     else:
         raise ValueError(f"unknown DPO loss type {loss_type!r}")
@@ -143,15 +146,29 @@ def collate(tokenizer, pairs: list[PreferencePair], tokens: list[PairTokens]) ->
     )
 
 
-def sequence_logprobs(model, batch: lm.Rollout) -> tuple[torch.Tensor, torch.Tensor]:
+def model_input(tokenizer, pairs: list[PreferencePair], tokens: list[PairTokens], prefix_sharing: bool):
+    """What the model scores the pairs on: with `prefix_sharing` one packed row per pair, [prompt |
+    chosen | rejected] (packing.pack_pairs), else the 2B rows of `collate`. Both list the
+    responses as [chosen; rejected] and give the same log-probs."""
+    if prefix_sharing:
+        return packing.pack_pairs(
+            [t.prompt for t in tokens], [t.chosen for t in tokens], [t.rejected for t in tokens], tokenizer.pad_token_id
+        )
+    return collate(tokenizer, pairs, tokens)
+
+
+def sequence_logprobs(model, batch: lm.Rollout | packing.PackedPairs) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(y|x) = sum_t log pi(y_t | x, y_<t) over each completion's tokens, and their number."""
-    logprobs = lm.response_logprobs(model, batch)
+    if isinstance(batch, packing.PackedPairs):
+        logprobs = packing.response_logprobs(model, batch)
+    else:
+        logprobs = lm.response_logprobs(model, batch)
     mask = batch.response_mask.to(logprobs.device)
     return (logprobs * mask).sum(1), mask.sum(1)
 
 
 @torch.no_grad()
-def reference_logprobs(policy, ref_model, batch: lm.Rollout) -> torch.Tensor:
+def reference_logprobs(policy, ref_model, batch: lm.Rollout | packing.PackedPairs) -> torch.Tensor:
     """log pi_ref(y|x): from `ref_model`, or with LoRA (`ref_model=None`) from the policy with its
     adapter disabled, which is the initial policy."""
     if ref_model is not None:
@@ -169,7 +186,7 @@ def _fingerprint(tokens: list[PairTokens]) -> str:
 
 def precompute_ref_logprobs(
     policy, ref_model, tokenizer, pairs: list[PreferencePair], tokens: list[PairTokens], batch_size: int,
-    mixed_precision: str = "auto", cache: Path | None = None,
+    mixed_precision: str = "auto", cache: Path | None = None, prefix_sharing: bool = True,
 ) -> torch.Tensor:
     """Reference log-probs of every pair, shape (2, N): chosen, rejected. Computed in fixed batches
     (so a rerun gives the same numbers), under the training autocast (so that the first step's
@@ -184,7 +201,9 @@ def precompute_ref_logprobs(
                     return handle.get_tensor("ref_logprobs")
         rows = []
         for start in range(0, len(tokens), batch_size):
-            batch = collate(tokenizer, pairs[start : start + batch_size], tokens[start : start + batch_size])
+            batch = model_input(
+                tokenizer, pairs[start : start + batch_size], tokens[start : start + batch_size], prefix_sharing
+            )
             with accelerator.autocast():
                 rows.append(reference_logprobs(policy, ref_model, batch).float().cpu().view(2, -1))
         ref_logprobs = torch.cat(rows, dim=1)
@@ -215,7 +234,9 @@ class DPOObjective:
         return len(indices)
 
     def loss(self, model, indices: list[int]):
-        batch = collate(self.tokenizer, [self.pairs[i] for i in indices], [self.tokens[i] for i in indices])
+        batch = model_input(
+            self.tokenizer, [self.pairs[i] for i in indices], [self.tokens[i] for i in indices], self.cfg.prefix_sharing
+        )
         logprobs, lengths = sequence_logprobs(model, batch)
         if self.ref_logprobs is not None:
             ref_logprobs = self.ref_logprobs[:, indices].reshape(-1).to(logprobs.device)
@@ -226,7 +247,7 @@ class DPOObjective:
         chosen_lengths, rejected_lengths = lengths.chunk(2)
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             chosen, rejected, ref_chosen, ref_rejected, self.cfg.beta, self.cfg.loss_type, self.cfg.label_smoothing,
-            chosen_lengths, rejected_lengths,
+            *((chosen_lengths, rejected_lengths) if self.cfg.ipo_token_mean else ()),
         )
         return losses.sum(), {
             "accuracy": float((chosen_rewards > rejected_rewards).sum()),
@@ -261,7 +282,7 @@ def train(
     if cfg.precompute_ref_logprobs:
         ref_logprobs = precompute_ref_logprobs(
             policy, ref_model, tokenizer, pairs, tokens, cfg.batch_size // cfg.gradient_accumulation_steps,
-            cfg.mixed_precision, checkpoint_dir / REF_CACHE if checkpoint_dir else None,
+            cfg.mixed_precision, checkpoint_dir / REF_CACHE if checkpoint_dir else None, cfg.prefix_sharing,
         )
         objective = DPOObjective(tokenizer, pairs, tokens, cfg, ref_logprobs=ref_logprobs)
     else:

@@ -5,7 +5,8 @@ The backbone is any `AutoModelForSequenceClassification` with one label: our GPT
 token, or a pretrained encoder such as MiniLM, scored at [CLS]. `encode` lays out [prompt |
 response] for each (see there). Objectives, chosen by `RewardConfig.loss`:
 
-- bradley_terry: independent pairs, optionally with each pair's margin (Llama 2);
+- bradley_terry: independent pairs, optionally with each pair's margin (Llama 2); on a causal
+  backbone a pair's shared prefix is computed once (prefix sharing, see `_pair_rewards`);
 - ranking: the examples are prompts; every pair of one prompt's ranked completions is in the same
   batch, each prompt weighing the same (InstructGPT);
 - plackett_luce: the likelihood of each prompt's whole ranking.
@@ -31,9 +32,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from components.sections import RewardConfig
 from components.data.records import PreferencePair
 from components.data.rows import read_training_file
-from components.models import lm
+from components.models import lm, packing
 from components.models.lm import PAD, Rollout, forward, make_rollout
-from components.models.training import MetricsLogger, no_logging, save_on_main, train_loop
+from components.models.training import MetricsLogger, no_logging, save_on_main, train_loop, unwrap
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
@@ -206,11 +207,34 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batc
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def _pair_rewards(model, tokenizer, pairs: list[PreferencePair]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen and rejected rewards from one forward pass over both halves of the batch."""
+def _pair_rewards(
+    model, tokenizer, pairs: list[PreferencePair], prefix_sharing: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen and rejected rewards from one forward pass.
+
+    Without `prefix_sharing` (or for an encoder, whose [CLS] sees the whole row) over 2B rows, one
+    per response, as `encode` lays them out. With it, over the same tokens packed one pair per
+    row: the longest common prefix of the pair's two encoded rows (the prompt, or what is left of
+    it after truncation, and any first tokens the responses share), then the rest of each
+    (packing.pack_pairs), the head read at the last chosen and the last rejected token.
+    """
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    rewards = rewards_of(model, *encode(tokenizer, prompts, responses))
+    input_ids, attention_mask = encode(tokenizer, prompts, responses)
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(input_ids, attention_mask)]
+    # a response longer than the context leaves rows empty (`encode` cuts the batch's first
+    # columns): such a batch is scored unshared, as it always was
+    if prefix_sharing and not _is_encoder(tokenizer) and all(rows):
+        prefixes, chosen, rejected = zip(
+            *(packing.split_common_prefix(c, r) for c, r in zip(rows[: len(pairs)], rows[len(pairs) :]))
+        )
+        batch = packing.pack_pairs(list(prefixes), list(chosen), list(rejected), tokenizer.pad_token_id)
+        hidden = packing.hidden_states(model, batch)
+        last = hidden[batch.pair_rows.to(hidden.device), batch.last.to(hidden.device)]
+        # `score`: the head of transformers' causal sequence-classification models, as `rewards_of` reads it
+        rewards = unwrap(model).score(last).squeeze(-1).float()
+    else:
+        rewards = rewards_of(model, input_ids, attention_mask)
     return rewards[: len(pairs)], rewards[len(pairs) :]
 
 
@@ -232,15 +256,16 @@ def accuracy(model, tokenizer, pairs: list[PreferencePair], batch_size: int = 64
 class PairwiseObjective:
     """Bradley-Terry loss over preference pairs; reports the share of correctly ordered pairs."""
 
-    def __init__(self, tokenizer, pairs: list[PreferencePair], use_margin: bool = False):
+    def __init__(self, tokenizer, pairs: list[PreferencePair], use_margin: bool = False, prefix_sharing: bool = True):
         self.tokenizer, self.pairs, self.use_margin, self.n_examples = tokenizer, pairs, use_margin, len(pairs)
+        self.prefix_sharing = prefix_sharing
 
     def n_terms(self, indices: list[int]) -> int:
         return len(indices)
 
     def loss(self, model, indices: list[int]):
         pairs = [self.pairs[i] for i in indices]
-        chosen, rejected = _pair_rewards(model, self.tokenizer, pairs)
+        chosen, rejected = _pair_rewards(model, self.tokenizer, pairs, self.prefix_sharing)
         margin = torch.tensor([p.margin or 0.0 for p in pairs], device=chosen.device) if self.use_margin else None
         loss = bradley_terry_loss(chosen, rejected, margin) * len(indices)
         return loss, {"accuracy": float((chosen > rejected).sum())}
@@ -284,7 +309,7 @@ def train(
     """Fit the reward model with `cfg.loss` (`cfg.use_margin` applies to bradley_terry, the pairwise
     loss); stores reward_mean / reward_std of the training responses in its config."""
     if cfg.loss == "bradley_terry":
-        objective = PairwiseObjective(tokenizer, pairs, cfg.use_margin)
+        objective = PairwiseObjective(tokenizer, pairs, cfg.use_margin, cfg.prefix_sharing)
     else:
         objective = RankingObjective(tokenizer, rankings(pairs), PROMPT_LOSSES[cfg.loss])
     metrics = train_loop(model, objective, cfg, seed, log, checkpoint_dir, "reward")
