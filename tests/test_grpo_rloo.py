@@ -16,11 +16,8 @@ from pydantic import ValidationError
 from components.rl import METHODS, RLInputs, grpo, rloo
 from components.rl.grpo import GRPOConfig
 from components.rl.rloo import RLOOConfig
-from components.rl.rollout import generate, score
-from components.sections import SamplingConfig
 from tests.conftest import REPO
-
-SAMPLING = SamplingConfig(max_new_tokens=8, batch_size=64)
+from tests.rl_checks import SAMPLING, assert_same_weights, calibrate, crash_and_resume, mean_score
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -140,21 +137,6 @@ def test_rloo_losses_by_hand_and_reinforce_gradient_at_ratio_one():
 # ---------------------------------------------------------------------------------- end to end
 
 
-def calibrate(reward, policy, tokenizer, prompts) -> None:
-    """Normalise the tiny reward model to mean 0 and std 1 on the initial policy's samples, as
-    stage 'reward' normalises a reward model on its data: its raw scores barely vary."""
-    torch.manual_seed(7)
-    with torch.no_grad():
-        raw = reward.scores(generate(policy, tokenizer, prompts, 4, SAMPLING)).float()
-    reward.model.config.reward_mean, reward.model.config.reward_std = float(raw.mean()), float(raw.std())
-
-
-def mean_score(policy, reward, tokenizer, prompts, seed: int) -> float:
-    """The mean normalised score of 8 samples of the policy for each prompt (a fixed sampling seed)."""
-    torch.manual_seed(seed)
-    return float(score(reward, generate(policy, tokenizer, prompts, 8, SAMPLING), 0.0).mean())
-
-
 TRAINED = {
     "grpo": GRPOConfig(steps=20, batch_size=16, group_size=4, minibatch_size=32, update_epochs=2, lr=1e-2, kl_coef=0.01,
                        missing_eos_penalty=0.0),
@@ -212,28 +194,15 @@ def test_a_crashed_run_resumes_its_policy_optimizer_and_rng(
     initial weights (a fresh process), ends with the weights of an uninterrupted run."""
     initial, cfg = tiny_policy(), RESUMED[name]
 
-    def run(policy, folder, log=lambda m, step: None):
+    def run(folder, log):
         return METHODS[name].train(RLInputs(
-            policy, copy.deepcopy(initial), tiny_reward, tiny_tokenizer, tiny_prompts, [], cfg, SAMPLING, seed=0,
-            log=log, checkpoint_dir=folder,
+            copy.deepcopy(initial), copy.deepcopy(initial), tiny_reward, tiny_tokenizer, tiny_prompts, [], cfg,
+            SAMPLING, seed=0, log=log, checkpoint_dir=folder,
         ))
 
-    uninterrupted, whole_metrics = run(copy.deepcopy(initial), tmp_path / "whole")
-
-    def crash_at_step_2(metrics, step):
-        if step == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(copy.deepcopy(initial), tmp_path / "crashed", crash_at_step_2)
-    assert [p.name for p in (tmp_path / "crashed").glob("step-*")] == ["step-00000002"]
-    steps = []
-    resumed, metrics = run(copy.deepcopy(initial), tmp_path / "crashed", lambda m, step: steps.append(step))
-
-    assert steps == [2]
+    (uninterrupted, whole_metrics), (resumed, metrics) = crash_and_resume(run, tmp_path, crash_step=2)
     assert metrics == pytest.approx(whole_metrics, abs=1e-5)
-    for (key, weight), (_, expected) in zip(resumed.named_parameters(), uninterrupted.named_parameters()):
-        torch.testing.assert_close(weight, expected, rtol=0, atol=1e-6, msg=key)
+    assert_same_weights(resumed, uninterrupted)
     assert any(not torch.equal(a, b) for a, b in zip(resumed.parameters(), initial.parameters()))
 
 

@@ -19,7 +19,7 @@ from components.rl import METHODS, RLInputs, nlpo, ppo, rollout
 from components.rl.nlpo import NLPOConfig
 from components.sections import SamplingConfig
 from tests.conftest import REPO
-from tests.test_grpo_rloo import calibrate, mean_score
+from tests.rl_checks import assert_same_checkpointed, assert_same_weights, calibrate, crash_and_resume, mean_score
 
 SAMPLING = SamplingConfig(max_new_tokens=8, batch_size=64)
 
@@ -162,33 +162,16 @@ def test_a_crashed_run_resumes_its_policy_critic_mask_policy_optimizer_and_rng(
     cfg = NLPOConfig(steps=3, batch_size=8, minibatch_size=4, ppo_epochs=1, lr=1e-2, top_mask=0.5,
                      mask_update_every=2, checkpoint_every=1)
 
-    def run(folder, log=lambda m, step: None):
+    def run(folder, log):
         return nlpo.train(RLInputs(
             copy.deepcopy(initial), copy.deepcopy(initial), tiny_reward, tiny_tokenizer, tiny_prompts, [], cfg,
             SAMPLING, seed=0, log=log, checkpoint_dir=folder,
         ))
 
-    uninterrupted, whole_metrics = run(tmp_path / "whole")
-
-    def crash_at_step_2(metrics, step):
-        if step == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(tmp_path / "crashed", crash_at_step_2)
-    assert [p.name for p in (tmp_path / "crashed").glob("step-*")] == ["step-00000002"]
-    steps = []
-    resumed, metrics = run(tmp_path / "crashed", lambda m, step: steps.append(step))
-
-    assert steps == [2]
+    (uninterrupted, whole_metrics), (resumed, metrics) = crash_and_resume(run, tmp_path, crash_step=2)
     assert metrics == pytest.approx(whole_metrics, abs=1e-5)
-    for (name, weight), (_, expected) in zip(resumed.named_parameters(), uninterrupted.named_parameters()):
-        torch.testing.assert_close(weight, expected, rtol=0, atol=1e-6, msg=name)
-    for model in ("critic", "mask_policy"):
-        saved = load_file(tmp_path / "crashed" / "step-00000003" / f"{model}.safetensors")
-        expected = load_file(tmp_path / "whole" / "step-00000003" / f"{model}.safetensors")
-        for name, weight in saved.items():
-            torch.testing.assert_close(weight, expected[name], rtol=0, atol=1e-6, msg=f"{model}.{name}")
+    assert_same_weights(resumed, uninterrupted)
+    assert_same_checkpointed(tmp_path, 3, ("critic", "mask_policy"))
     assert any(not torch.equal(a, b) for a, b in zip(resumed.parameters(), initial.parameters()))
 
 

@@ -22,7 +22,7 @@ from components.rl.online_dpo import OnlineDPOConfig
 from components.rl.rollout import generate, score
 from components.sections import SamplingConfig
 from tests.conftest import REPO
-from tests.test_grpo_rloo import calibrate, mean_score
+from tests.rl_checks import assert_same_weights, calibrate, crash_and_resume, mean_score
 
 SAMPLING = SamplingConfig(max_new_tokens=8, batch_size=64)
 
@@ -235,28 +235,15 @@ def test_a_crashed_run_resumes_its_policy_optimizer_and_rng(
     cfg = OnlineDPOConfig(steps=3, batch_size=4, lr=1e-3, labeler="label", checkpoint_every=1)
     annotators = SimulatedAnnotators(gold_of(tiny_reward, tiny_tokenizer), 5, 0.7)
 
-    def run(policy, folder, log=lambda m, step: None):
+    def run(folder, log):
         return METHODS["online_dpo"].train(RLInputs(
-            policy, copy.deepcopy(initial), tiny_reward, tiny_tokenizer, tiny_prompts, [], cfg, SAMPLING, seed=0,
-            log=log, checkpoint_dir=folder, labeler=annotators,
+            copy.deepcopy(initial), copy.deepcopy(initial), tiny_reward, tiny_tokenizer, tiny_prompts, [], cfg,
+            SAMPLING, seed=0, log=log, checkpoint_dir=folder, labeler=annotators,
         ))
 
-    uninterrupted, whole_metrics = run(copy.deepcopy(initial), tmp_path / "whole")
-
-    def crash_at_step_2(metrics, step):
-        if step == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(copy.deepcopy(initial), tmp_path / "crashed", crash_at_step_2)
-    assert [p.name for p in (tmp_path / "crashed").glob("step-*")] == ["step-00000002"]
-    steps = []
-    resumed, metrics = run(copy.deepcopy(initial), tmp_path / "crashed", lambda m, step: steps.append(step))
-
-    assert steps == [2]
+    (uninterrupted, whole_metrics), (resumed, metrics) = crash_and_resume(run, tmp_path, crash_step=2)
     assert metrics == pytest.approx(whole_metrics, abs=1e-5)
-    for (key, weight), (_, expected) in zip(resumed.named_parameters(), uninterrupted.named_parameters()):
-        torch.testing.assert_close(weight, expected, rtol=0, atol=1e-6, msg=key)
+    assert_same_weights(resumed, uninterrupted)
     assert any(not torch.equal(a, b) for a, b in zip(resumed.parameters(), initial.parameters()))
 
 

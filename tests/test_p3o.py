@@ -17,7 +17,7 @@ from components.models import lm
 from components.rl import METHODS, RLInputs, p3o
 from components.rl.p3o import P3OConfig
 from components.sections import SamplingConfig
-from tests.test_grpo_rloo import calibrate, mean_score
+from tests.rl_checks import assert_same_weights, calibrate, crash_and_resume, mean_score
 
 SAMPLING = SamplingConfig(max_new_tokens=8)
 
@@ -322,25 +322,12 @@ def test_a_crashed_run_resumes_its_policy_optimizer_and_rng(
     initial = tiny_policy()
     cfg = P3OConfig(steps=4, batch_size=4, minibatch_size=2, update_epochs=1, lr=1e-3, checkpoint_every=1)
 
-    def run(policy, folder, log=lambda m, step: None):
+    def run(folder, log):
         return p3o.train_v2(RLInputs(
-            policy, copy.deepcopy(initial), tiny_reward, tiny_tokenizer, tiny_prompts, [], cfg, SAMPLING, seed=0,
-            log=log, checkpoint_dir=folder,
+            copy.deepcopy(initial), copy.deepcopy(initial), tiny_reward, tiny_tokenizer, tiny_prompts, [], cfg,
+            SAMPLING, seed=0, log=log, checkpoint_dir=folder,
         ))
 
-    uninterrupted, whole_metrics = run(copy.deepcopy(initial), tmp_path / "whole")
-
-    def crash_at_step_3(metrics, step):
-        if step == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(copy.deepcopy(initial), tmp_path / "crashed", crash_at_step_3)
-    assert [p.name for p in (tmp_path / "crashed").glob("step-*")] == ["step-00000003"]
-    steps = []
-    resumed, metrics = run(copy.deepcopy(initial), tmp_path / "crashed", lambda m, step: steps.append(step))
-
-    assert steps == [3]  # a fresh process, from the initial weights, resumes at the checkpoint
+    (uninterrupted, whole_metrics), (resumed, metrics) = crash_and_resume(run, tmp_path, crash_step=3)
     assert metrics == whole_metrics
-    for (name, weight), (_, expected) in zip(resumed.named_parameters(), uninterrupted.named_parameters()):
-        torch.testing.assert_close(weight, expected, rtol=0, atol=1e-6, msg=name)
+    assert_same_weights(resumed, uninterrupted)

@@ -19,6 +19,7 @@ from components.rewards import FunctionReward
 from components.rl import METHODS, RLInputs, ppo, rollout
 from components.rl.ppo import PPOConfig
 from components.sections import RLConfig, SamplingConfig
+from tests.rl_checks import assert_same_checkpointed, assert_same_weights, crash_and_resume
 
 SAMPLING = SamplingConfig(max_new_tokens=8)
 
@@ -116,30 +117,14 @@ def test_a_crashed_run_resumes_its_policy_critic_optimizer_beta_and_rng(
     cfg = PPOConfig(steps=3, batch_size=8, minibatch_size=4, ppo_epochs=1, lr=1e-3, kl_target=1e-3, kl_horizon=100,
                     checkpoint_every=1)
 
-    def run(policy, folder, log=lambda m, step: None):
-        return ppo.train(ppo_run(policy, copy.deepcopy(initial), tiny_reward, tiny_tokenizer, tiny_prompts, cfg,
-                                 log=log, checkpoint_dir=folder))
+    def run(folder, log):
+        return ppo.train(ppo_run(copy.deepcopy(initial), copy.deepcopy(initial), tiny_reward, tiny_tokenizer,
+                                 tiny_prompts, cfg, log=log, checkpoint_dir=folder))
 
-    uninterrupted, whole_metrics = run(copy.deepcopy(initial), tmp_path / "whole")
-
-    def crash_at_step_2(metrics, step):
-        if step == 2:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        run(copy.deepcopy(initial), tmp_path / "crashed", crash_at_step_2)
-    assert [p.name for p in (tmp_path / "crashed").glob("step-*")] == ["step-00000002"]
-    steps = []
-    resumed, metrics = run(copy.deepcopy(initial), tmp_path / "crashed", lambda m, step: steps.append(step))
-
-    assert steps == [2]  # a fresh process, from the initial weights, resumes at the checkpoint
+    (uninterrupted, whole_metrics), (resumed, metrics) = crash_and_resume(run, tmp_path, crash_step=2)
     assert metrics["kl_coef"] == whole_metrics["kl_coef"]
-    for (name, weight), (_, expected) in zip(resumed.named_parameters(), uninterrupted.named_parameters()):
-        torch.testing.assert_close(weight, expected, rtol=0, atol=1e-6, msg=name)
-    critic = load_file(str(tmp_path / "crashed" / "step-00000003" / "critic.safetensors"))
-    expected_critic = load_file(str(tmp_path / "whole" / "step-00000003" / "critic.safetensors"))
-    for name, weight in critic.items():
-        torch.testing.assert_close(weight, expected_critic[name], rtol=0, atol=1e-6, msg=name)
+    assert_same_weights(resumed, uninterrupted)
+    assert_same_checkpointed(tmp_path, 3, ("critic",))
 
 
 def test_a_reward_without_a_network_needs_a_value_head(tiny_policy, tiny_tokenizer, tiny_prompts):
