@@ -39,7 +39,7 @@ class BestOfNConfig(TrainerConfig):
     n: int = Field(16, ge=2, description="samples per prompt")
     n_prompts: int = Field(512, ge=1, description="training prompts whose best-of-n responses are fine-tuned on")
     missing_eos_penalty: float = Field(1.0, ge=0, description="subtracted from the score of a response without EOS")
-    epochs: int = Field(2, ge=1)
+    epochs: int = Field(4, ge=1, description="passes over the best-of-n responses")
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-4, gt=0)
 
