@@ -49,17 +49,17 @@ def test_summary_per_method_with_a_common_kl_and_dominance():
         {"final": {"eval/gold_win_rate_vs_sft": 0.8, "eval/kl_to_sft": 2.0}, "trace": trace((0, 0), (1, 0.3), (2, 0.6))},
         {"final": {"eval/gold_win_rate_vs_sft": 0.9, "eval/kl_to_sft": 2.2}, "trace": trace((0, 0), (1, 0.4), (2, 0.5))},
     ]
-    flat = [  # reaches KL 1.5 only: the common KL is 1.5
+    flat = [  # reaches KL 1.5 only, gaining 0.2 there
         {"final": {"eval/gold_win_rate_vs_sft": 0.6, "eval/kl_to_sft": 1.5}, "trace": trace((0, 0), (1.5, 0.2))},
         {"final": {"eval/gold_win_rate_vs_sft": 0.6, "eval/kl_to_sft": 1.4}, "trace": trace((0, 0), (1.5, 0.2))},
     ]
     summary = frontier.summarise({"steep": steep, "flat": flat})
-    assert summary["_frontier_kl"] == 1.5
+    assert summary["_frontier_kl"] == 2  # the largest KL measured
     assert summary["steep"]["gold_win_rate_vs_sft"]["mean"] == pytest.approx(0.85)
     assert "proxy_win_rate_vs_sft" not in summary["steep"]  # not measured, not invented
-    # steep: seed 0 gains 0.3 on [1, 1.5) -> 0.15 / 1.5 = 0.1; seed 1: 0.2 / 1.5; flat: nothing before 1.5
-    assert summary["steep"]["frontier_area"] == pytest.approx((0.1 + 0.2 / 1.5) / 2)
-    assert summary["flat"]["frontier_area"] == 0.0
+    # over budgets 0..2: steep, seed 0: 0.3 on [1, 2) -> 0.3 / 2; seed 1: 0.4 / 2; flat keeps 0.2 from 1.5 on: 0.1 / 2
+    assert summary["steep"]["frontier_area"] == pytest.approx((0.15 + 0.2) / 2)
+    assert summary["flat"]["frontier_area"] == pytest.approx(0.05)
     assert frontier.dominates(steep, flat) and not frontier.dominates(flat, steep)
 
 

@@ -12,10 +12,12 @@ one), and the frontier area up to a common KL K,
 
     area = (1 / K) * integral_0^K gain(k) dk,
 
-is the mean gain over budgets in [0, K]: reward gained per unit of KL spent, averaged over the
-budgets every compared method reached. K is the smallest of the methods' largest KL, so no
-method is credited beyond what it measured. One method's frontier dominates another's when its
-gain is at least as high at every budget; the areas rank them when neither does.
+is the mean gain over budgets in [0, K]: reward gained per unit of KL spent. K is the largest KL
+any compared run measured, the same for every method: gain(k) is defined at every budget (past a
+run's last point it keeps its best, which that run's policy delivers within any larger budget), so
+a method that gains early and one that gains late are both counted, the first over more budgets.
+One method's frontier dominates another's when its gain is at least as high at every budget; the
+areas rank them when neither does.
 """
 
 from __future__ import annotations
@@ -64,8 +66,8 @@ def frontier_area(trace: list[dict], kl_max: float, key: str = "gold_reward") ->
 
 
 def common_kl(runs: dict[str, list[Run]]) -> float:
-    """The largest KL budget every run of every method reached."""
-    return min(max(max(point["kl_to_sft"], 0.0) for point in run["trace"]) for seeds in runs.values() for run in seeds)
+    """The largest KL any run of any method measured: the budgets the frontier areas average over."""
+    return max(max(point["kl_to_sft"], 0.0) for seeds in runs.values() for run in seeds for point in run["trace"])
 
 
 METRICS = ("gold_win_rate_vs_sft", "proxy_win_rate_vs_sft", "kl_to_sft")
@@ -89,7 +91,7 @@ def summarise(runs: dict[str, list[Run]]) -> dict:
 
 def dominates(first: list[Run], second: list[Run], budgets: int = 50) -> bool:
     """Whether the mean (over seeds) gain of `first` is at least that of `second` at every KL budget
-    both reached."""
+    up to the largest either measured."""
     kl_max = common_kl({"first": first, "second": second})
     grid = np.linspace(0.0, kl_max, budgets)
     mean_gain = [np.mean([gain_at(run["trace"], grid) for run in seeds], axis=0) for seeds in (first, second)]
