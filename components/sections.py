@@ -75,6 +75,12 @@ class TrainerConfig(Section):
         50, ge=0, description="optimizer steps between checkpoints a killed run resumes from; 0: none"
     )
     log_every: int = Field(1, ge=1, description="optimizer steps between logged training metrics")
+    group_by_length: bool = Field(
+        False,
+        description="batches of examples of similar length, less padding (transformers' group_by_length): "
+        "megabatches of up to 50 batches of the epoch's seeded permutation, each sorted by length and cut into "
+        "batches, the batches shuffled, the longest first",
+    )
 
     @model_validator(mode="after")
     def _divisible(self) -> "TrainerConfig":
@@ -130,6 +136,11 @@ class SFTConfig(TrainerConfig):
         description="None: prompt and response as plain text; 'tokenizer': the tokenizer's chat template; "
         "otherwise a Jinja chat template. The prompt is the user turn, the response the assistant turn",
     )
+    head_on_targets: bool = Field(
+        False,
+        description="run the LM head only where the loss needs it (the tokens that predict response tokens), a "
+        "chunk of positions at a time: the same loss, with less compute and memory for a large vocabulary",
+    )
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(5e-4, gt=0)
@@ -152,6 +163,11 @@ class SamplingConfig(Section):
         "distribution at the temperature) no longer describe the sampler exactly",
     )
     batch_size: int = Field(64, ge=1, description="prompts generated together")
+    engine: Literal["generate", "bucketed"] = Field(
+        "generate",
+        description="generate: transformers' model.generate; bucketed: the same distribution from "
+        "components/models/sampler.py (prompts bucketed by length, finished rows dropped from the batch)",
+    )
 
 
 class CollectConfig(Section):

@@ -46,7 +46,10 @@ def evaluate(
         torch.manual_seed(seed)
         for start in range(0, len(prompts), sampling.batch_size):
             chunk = prompts[start : start + sampling.batch_size]
-            rollout = lm.sample(model, tokenizer, chunk, sampling.max_new_tokens, sampling.temperature, sampling.top_p)
+            rollout = lm.sample(
+                model, tokenizer, chunk, sampling.max_new_tokens, sampling.temperature, sampling.top_p,
+                engine=sampling.engine,
+            )
             proxy = reward.scores(rollout).tolist()
             if name == "policy":
                 kls.extend(sequence_kl(policy, sft_policy, rollout, sampling.temperature).tolist())
@@ -79,7 +82,10 @@ def frontier_point(
     policy's samples on `prompts`. The RNG is forked so a measurement never changes training."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        rollout = lm.sample(policy, tokenizer, prompts, sampling.max_new_tokens, sampling.temperature, sampling.top_p)
+        rollout = lm.sample(
+            policy, tokenizer, prompts, sampling.max_new_tokens, sampling.temperature, sampling.top_p,
+            engine=sampling.engine,
+        )
         proxy = reward.scores(rollout)
     point = {
         "kl_to_sft": float(sequence_kl(policy, sft_policy, rollout, sampling.temperature).mean()),

@@ -226,31 +226,48 @@ def make_rollout(tokenizer, prompts: list[str], completions: list[str], ended_wi
     return Rollout(prompts, prompt_ids, prompt_mask, response_ids, response_mask, completions, ended_with_eos)
 
 
+ENGINES = ("generate", "bucketed")  # SamplingConfig.engine
+
+
 @torch.no_grad()
 def sample(
     model, tokenizer, prompts: list[str], max_new_tokens: int, temperature: float, top_p: float = 1.0,
-    logits_processor: Callable[[torch.Tensor], LogitsProcessor] | None = None,
+    logits_processor: Callable[[torch.Tensor], LogitsProcessor] | None = None, engine: str = "generate",
 ) -> Rollout:
     """Sample one response per prompt with the KV cache; tokens after the first EOS are padding.
     Responses longer than `max_new_tokens` (or the context) are truncated and have no EOS.
     `logits_processor(prompt_mask)`, given the prompts' attention mask, makes a processor that
-    `generate` applies to the logits before temperature and top-p (NLPO's mask, components/rl/nlpo.py)."""
+    `generate` applies to the logits before temperature and top-p (NLPO's mask, components/rl/nlpo.py).
+    `engine`: "generate" (transformers' `model.generate`) or "bucketed", the same distribution
+    from components/models/sampler.py."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown sampling engine '{engine}': one of {ENGINES}")
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts)
     room = context_length(model) - prompt_ids.shape[1]
-    device = next(model.parameters()).device
-    output = model.generate(
-        input_ids=prompt_ids.to(device),
-        attention_mask=prompt_mask.to(device),
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=0,
-        max_new_tokens=min(max_new_tokens, room),
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        logits_processor=LogitsProcessorList([logits_processor(prompt_mask)]) if logits_processor else None,
-    )
-    response_ids = output[:, prompt_ids.shape[1] :].cpu()
+    # NLPO's processor runs its mask policy with its own KV cache over the whole batch and records
+    # every row's mask at every step: rows leaving the batch would break both, so it takes generate
+    if engine == "bucketed" and logits_processor is None:
+        from components.models import sampler  # which imports this module
+
+        response_ids = sampler.generate(
+            model, prompt_ids, prompt_mask, min(max_new_tokens, room), temperature, top_p, tokenizer.eos_token_id,
+            tokenizer.pad_token_id,
+        )
+    else:
+        device = next(model.parameters()).device
+        output = model.generate(
+            input_ids=prompt_ids.to(device),
+            attention_mask=prompt_mask.to(device),
+            do_sample=True,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=0,
+            max_new_tokens=min(max_new_tokens, room),
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            logits_processor=LogitsProcessorList([logits_processor(prompt_mask)]) if logits_processor else None,
+        )
+        response_ids = output[:, prompt_ids.shape[1] :].cpu()
     is_eos = response_ids == tokenizer.eos_token_id
     ended_with_eos = is_eos.any(dim=1)
     first_eos = torch.where(ended_with_eos, is_eos.float().argmax(dim=1), response_ids.shape[1])
@@ -269,7 +286,10 @@ def sample_many(model, tokenizer, prompts: list[str], sampling, seed: int) -> li
     rows = []
     for start in range(0, len(prompts), sampling.batch_size):
         chunk = prompts[start : start + sampling.batch_size]
-        rollout = sample(model, tokenizer, chunk, sampling.max_new_tokens, sampling.temperature, sampling.top_p)
+        rollout = sample(
+            model, tokenizer, chunk, sampling.max_new_tokens, sampling.temperature, sampling.top_p,
+            engine=sampling.engine,
+        )
         rows.extend(zip(chunk, rollout.completions, rollout.ended_with_eos))
     return rows
 

@@ -8,9 +8,9 @@ accumulation steps, so the gradient is the same however the batch is split: 2 pr
 loss curve of 1 with the same global batch.
 
 Checkpoints hold the model, optimizer, scheduler, every RNG state and the data position (the
-optimizer step: each epoch's order is a fixed permutation of the seed) and the epoch's running
-metric sums, so a run killed at any point and started again continues as if it had never stopped:
-same weights, same returned metrics (the logged curves: components/pipeline/tracking.py).
+optimizer step: each epoch's batches are a function of the seed and the epoch) and the epoch's
+running metric sums, so a run killed at any point and started again continues as if it had never
+stopped: same weights, same returned metrics (the logged curves: components/pipeline/tracking.py).
 
 A non-finite loss, gradient norm or weight stops training with `NonFiniteError`; nothing is saved.
 """
@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import torch
 from accelerate import Accelerator, PartialState
@@ -57,6 +57,7 @@ class Objective(Protocol):
     """A training objective over `n_examples` examples, addressed by index."""
 
     n_examples: int
+    lengths: Sequence[int]  # each example's tokens, what `group_by_length` sorts on (pairs: prompt + both responses)
 
     def n_terms(self, indices: list[int]) -> int:
         """Loss terms in these examples: the denominator of the mean loss (tokens, pairs)."""
@@ -110,12 +111,40 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def step_batches(n_examples: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+def step_batches(
+    n_examples: int, batch_size: int, seed: int, epoch: int, lengths: Sequence[int] | None = None
+) -> list[list[int]]:
     """The optimizer steps of one epoch: a seeded permutation cut into global batches; the last
-    partial batch is dropped (unless it is the only one) so that every step has the same size."""
-    order = torch.randperm(n_examples, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    partial batch is dropped (unless it is the only one) so that every step has the same size.
+    With the examples' `lengths`, the same examples in batches of similar lengths (`length_grouped`)."""
+    generator = torch.Generator().manual_seed(seed * 1000 + epoch)
+    order = torch.randperm(n_examples, generator=generator).tolist()
     steps = max(1, n_examples // batch_size)
-    return [order[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
+    batches = [order[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
+    if lengths is None:
+        return batches
+    return length_grouped([i for batch in batches for i in batch], lengths, len(batches[0]), generator)
+
+
+def length_grouped(
+    order: list[int], lengths: Sequence[int], batch_size: int, generator: torch.Generator
+) -> list[list[int]]:
+    """`order` (a whole number of batches) in batches of similar lengths, as transformers'
+    group_by_length (LengthGroupedSampler) forms them: megabatches of up to 50 batches in `order`,
+    each sorted longest first and cut into batches. A batch is then padded to little more than its
+    own longest example. The batches come in a shuffled order, the one holding the longest example
+    first, so that a run that does not fit in memory fails at its first step."""
+    # at least 4 megabatches where there are enough examples: otherwise one megabatch would sort
+    # the whole epoch and every epoch would have the same batches
+    megabatch = batch_size * max(1, min(len(order) // (4 * batch_size), 50))
+    batches = []
+    for start in range(0, len(order), megabatch):
+        group = sorted(order[start : start + megabatch], key=lambda i: -lengths[i])
+        batches += [group[s : s + batch_size] for s in range(0, len(group), batch_size)]
+    batches = [batches[b] for b in torch.randperm(len(batches), generator=generator).tolist()]
+    longest = max(range(len(batches)), key=lambda b: lengths[batches[b][0]])
+    batches[0], batches[longest] = batches[longest], batches[0]
+    return batches
 
 
 def micro_batches(batch: list[int], process: int, n_processes: int, accumulation: int) -> list[list[int]]:
@@ -175,6 +204,7 @@ def train_loop(
     accelerator = make_accelerator(cfg.mixed_precision)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
     batches_per_epoch = len(step_batches(objective.n_examples, cfg.batch_size, seed, 0))
+    lengths = objective.lengths if cfg.group_by_length else None
     total_steps = cfg.epochs * batches_per_epoch
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay
@@ -195,7 +225,7 @@ def train_loop(
     )
     step = 0
     for epoch in range(cfg.epochs):
-        for batch in step_batches(objective.n_examples, cfg.batch_size, seed, epoch):
+        for batch in step_batches(objective.n_examples, cfg.batch_size, seed, epoch, lengths):
             step += 1
             if step <= start:
                 continue

@@ -74,7 +74,7 @@ def head_to_head(
         model, tokenizer = tracking.load_model(uri)
         torch.manual_seed(cfg.seed + 2)
         rollout = lm.sample(model, tokenizer, prompts, cfg.sampling.max_new_tokens, cfg.sampling.temperature,
-                            cfg.sampling.top_p)
+                            cfg.sampling.top_p, engine=cfg.sampling.engine)
         answers.append(rollout.completions)
         if gold:
             scores.append([gold(p, c, e) for p, c, e in zip(prompts, rollout.completions, rollout.ended_with_eos)])

@@ -120,7 +120,8 @@ def generate(
     repeated = [prompt for prompt in prompts for _ in range(k)]
     processor = token_mask.processor if token_mask is not None else None
     return lm.sample(
-        policy, tokenizer, repeated, sampling.max_new_tokens, sampling.temperature, sampling.top_p, processor
+        policy, tokenizer, repeated, sampling.max_new_tokens, sampling.temperature, sampling.top_p, processor,
+        engine=sampling.engine,
     )
 
 

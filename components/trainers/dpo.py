@@ -229,6 +229,7 @@ class DPOObjective:
         self.tokenizer, self.pairs, self.tokens, self.cfg = tokenizer, pairs, tokens, cfg
         self.ref_model, self.ref_logprobs = ref_model, ref_logprobs
         self.n_examples = len(pairs)
+        self.lengths = [len(t.prompt) + len(t.chosen) + len(t.rejected) for t in tokens]
 
     def n_terms(self, indices: list[int]) -> int:
         return len(indices)

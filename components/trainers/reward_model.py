@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import random
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
@@ -253,12 +254,22 @@ def accuracy(model, tokenizer, pairs: list[PreferencePair], batch_size: int = 64
 # -------------------------------------------------------------------------------- objectives
 
 
+def token_counts(tokenizer, texts: list[str]) -> list[int]:
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+
 class PairwiseObjective:
     """Bradley-Terry loss over preference pairs; reports the share of correctly ordered pairs."""
 
     def __init__(self, tokenizer, pairs: list[PreferencePair], use_margin: bool = False, prefix_sharing: bool = True):
         self.tokenizer, self.pairs, self.use_margin, self.n_examples = tokenizer, pairs, use_margin, len(pairs)
         self.prefix_sharing = prefix_sharing
+
+    @cached_property
+    def lengths(self) -> list[int]:
+        """Tokens of each pair's prompt and both responses (tokenised only for length-grouped batches)."""
+        parts = ([getattr(p, part) for p in self.pairs] for part in ("prompt", "chosen", "rejected"))
+        return [sum(counts) for counts in zip(*(token_counts(self.tokenizer, texts) for texts in parts))]
 
     def n_terms(self, indices: list[int]) -> int:
         return len(indices)
@@ -281,6 +292,13 @@ class RankingObjective:
     ):
         self.tokenizer, self.rankings, self.prompt_loss = tokenizer, rankings, prompt_loss
         self.n_examples = len(rankings)
+
+    @cached_property
+    def lengths(self) -> list[int]:
+        """Tokens of each prompt and its completions (tokenised only for length-grouped batches)."""
+        prompts = token_counts(self.tokenizer, [r.prompt for r in self.rankings])
+        completions = iter(token_counts(self.tokenizer, [c for r in self.rankings for c in r.completions]))
+        return [p + sum(next(completions) for _ in r.completions) for p, r in zip(prompts, self.rankings)]
 
     def n_terms(self, indices: list[int]) -> int:
         return len(indices)

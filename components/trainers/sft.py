@@ -25,7 +25,7 @@ from components.models import lm
 from components.sections import TrainerConfig
 from components.data.rows import read_training_file
 from components.models.lm import forward
-from components.models.training import MetricsLogger, no_logging, save_on_main, train_loop
+from components.models.training import MetricsLogger, no_logging, save_on_main, train_loop, unwrap
 
 if TYPE_CHECKING:
     from components.config import PipelineConfig
@@ -150,9 +150,38 @@ def packed_forward(model, input_ids: torch.Tensor, position_ids: torch.Tensor):
     return model(input_ids=input_ids.to(device), position_ids=position_ids.to(device), use_cache=False)
 
 
+def targets_nll(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`masked_lm_loss(logits, input_ids, loss_mask, reduction="sum")` with the LM head run only on
+    the hidden states that predict a loss-masked token, a chunk at a time (`lm.head_logprobs`): no
+    logits for the prompts and the padding, and no [positions, vocab] float32 tensor at all.
+
+    Padded rows run as `lm.forward` runs them, packed ones (`position_ids`) as `packed_forward`.
+    """
+    device = next(model.parameters()).device
+    if position_ids is None:
+        attention_mask = attention_mask.to(device)
+        inputs = {"attention_mask": attention_mask, "position_ids": lm.position_ids(attention_mask)}
+    else:
+        inputs = {"position_ids": position_ids.to(device), "use_cache": False}
+    # an empty logits_to_keep: the model's own head computes nothing, ours runs where it is needed
+    output = model(
+        input_ids=input_ids.to(device), output_hidden_states=True, logits_to_keep=torch.zeros(0, dtype=torch.long),
+        **inputs,
+    )
+    hidden = output.hidden_states[-1]  # after the final norm: what the head reads
+    rows, columns = loss_mask[:, 1:].nonzero(as_tuple=True)  # column t predicts token t + 1
+    predicting = hidden[rows.to(device), columns.to(device)]
+    head = unwrap(model).get_output_embeddings()
+    return -lm.head_logprobs(predicting, head, input_ids[rows, columns + 1]).sum()
+
+
 class LMObjective:
     """Next-token loss on the loss-masked tokens of each row (see `masked_lm_loss`); rows are
-    padded examples, or packed ones when `position_ids` are given (see `pack`)."""
+    padded examples, or packed ones when `position_ids` are given (see `pack`). With
+    `head_on_targets` the LM head runs on the loss-masked tokens' predictors only (`targets_nll`)."""
 
     def __init__(
         self,
@@ -160,10 +189,12 @@ class LMObjective:
         attention_mask: torch.Tensor,
         loss_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
+        head_on_targets: bool = False,
     ):
         self.input_ids, self.attention_mask, self.loss_mask = input_ids, attention_mask, loss_mask * attention_mask
-        self.position_ids = position_ids
+        self.position_ids, self.head_on_targets = position_ids, head_on_targets
         self.n_examples = len(input_ids)
+        self.lengths = attention_mask.sum(1).tolist()  # tokens per row, for length-grouped batches
 
     def n_terms(self, indices: list[int]) -> int:
         return int(self.loss_mask[indices, 1:].sum())
@@ -171,6 +202,9 @@ class LMObjective:
     def loss(self, model, indices: list[int]):
         width = int(self.attention_mask[indices].sum(1).max())  # trim the batch to its longest row
         ids, att, mask = (t[indices, :width] for t in (self.input_ids, self.attention_mask, self.loss_mask))
+        if self.head_on_targets:
+            positions = None if self.position_ids is None else self.position_ids[indices, :width]
+            return targets_nll(model, ids, att, mask, positions), {}
         if self.position_ids is None:
             logits = forward(model, ids, att).logits
         else:
@@ -179,25 +213,27 @@ class LMObjective:
 
 
 def lm_objective(
-    tokenizer, demos: list[Demonstration], max_length: int, packing: bool = False, chat_template: str | None = None
+    tokenizer, demos: list[Demonstration], max_length: int, packing: bool = False, chat_template: str | None = None,
+    head_on_targets: bool = False,
 ) -> LMObjective:
     """The demonstrations tokenised (`tokenize`), truncated to `max_length`, padded or packed."""
     examples = [tokenize(tokenizer, demo, chat_template) for demo in demos]
     examples = [(ids[:max_length], mask[:max_length]) for ids, mask in examples]
-    if packing:
-        return LMObjective(*pack(examples, max_length, tokenizer.pad_token_id))
-    return LMObjective(*pad(examples, tokenizer.pad_token_id))
+    rows = pack(examples, max_length, tokenizer.pad_token_id) if packing else pad(examples, tokenizer.pad_token_id)
+    return LMObjective(*rows, head_on_targets=head_on_targets)
 
 
 def train(
     model, tokenizer, demos: list[Demonstration], max_length: int, cfg: TrainerConfig, seed: int,
     log: MetricsLogger = no_logging, checkpoint_dir=None, packing: bool = False, chat_template: str | None = None,
+    head_on_targets: bool = False,
 ) -> dict:
     """Fine-tune on the demonstrations; returns the last epoch's mean loss and perplexity.
 
     With `packing`, `cfg.batch_size` counts packed rows of `max_length` tokens, not demonstrations.
+    With `head_on_targets` the LM head runs only where the loss needs it (`targets_nll`).
     """
-    objective = lm_objective(tokenizer, demos, max_length, packing, chat_template)
+    objective = lm_objective(tokenizer, demos, max_length, packing, chat_template, head_on_targets)
     metrics = train_loop(model, objective, cfg, seed, log, checkpoint_dir, description="sft")
     return {**metrics, "perplexity": math.exp(metrics["loss"])}
 
@@ -212,6 +248,7 @@ def run(cfg: PipelineConfig, model_path: str, data_path: str, out: Path, log: Me
     metrics = train(
         model, tokenizer, demos, min(cfg.base.max_length, lm.context_length(model)), cfg.sft, cfg.seed, log,
         out / "checkpoints", packing=cfg.sft.packing, chat_template=cfg.sft.chat_template,
+        head_on_targets=cfg.sft.head_on_targets,
     )
     save_on_main(out, lambda folder: lm.save_policy(model, tokenizer, folder))
     return {**metrics, "demonstrations": len(demos)}

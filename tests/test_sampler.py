@@ -1,0 +1,237 @@
+"""The bucketed rollout engine (components/models/sampler.py) against transformers' `generate`:
+the same tokens where sampling is made deterministic, the same distribution at every step, and
+`lm.sample`'s Rollout layout; on a tiny GPT-2 and a tiny Llama (SmolLM2's architecture)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, TopPLogitsWarper
+
+from components.models import lm, sampler
+from components.rl import nlpo, rollout
+from components.sections import SamplingConfig
+
+MAX_NEW_TOKENS = 12
+CONTEXT = 64
+SEED = 2
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _gpt2(tokenizer, push_eos: bool):
+    torch.manual_seed(0)
+    model = lm.build_model(tokenizer, n_layer=1, n_head=2, n_embd=32, max_length=CONTEXT).eval()
+    with torch.no_grad():
+        model.transformer.wpe.weight.mul_(20)  # positions that matter: a wrong position id changes the tokens
+        if push_eos:  # the final hidden state towards the (tied) EOS embedding: rows end at different steps
+            eos_row = model.transformer.wte.weight[tokenizer.eos_token_id]
+            model.transformer.ln_f.bias.add_(2.0 * eos_row / eos_row.norm() ** 2)
+    return model
+
+
+def _llama(tokenizer, push_eos: bool):
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, max_position_embeddings=CONTEXT, tie_word_embeddings=False, mlp_bias=True,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50)  # logits far from uniform
+        if push_eos:  # a constant direction in the last residual stream, which the EOS row reads
+            direction = torch.randn(config.hidden_size)
+            direction /= direction.norm()
+            model.model.layers[-1].mlp.down_proj.bias.copy_(direction)
+            model.lm_head.weight[tokenizer.eos_token_id] = 3.0 * direction
+    return model
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def setup(request, tiny_tokenizer, tiny_world):
+    """A tiny model that samples EOS at varied steps, the same model unpushed (its greedy
+    decoding does not collapse onto EOS), the tokenizer, and prompts of 1 to 44 tokens: most rows
+    left-padded, by very different amounts."""
+    build = {"gpt2": _gpt2, "llama": _llama}[request.param]
+    prompts = [review.prompt(1 + (7 * i) % 10) for i, review in enumerate(tiny_world[:20])]
+    prompts += ["A", "The Quiet River: I"]
+    return build(tiny_tokenizer, push_eos=True), build(tiny_tokenizer, push_eos=False), tiny_tokenizer, prompts
+
+
+@pytest.fixture
+def greedy(monkeypatch):
+    """Sampling made deterministic in both engines: the most probable token instead of a draw."""
+    monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples: probs.argmax(-1, keepdim=True))
+
+
+def _generate(model, prompt_ids, prompt_mask, eos, pad):
+    """The reference: bare `generate` with lm.sample's settings; the response part of its output."""
+    output = model.generate(
+        input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
+        max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos, pad_token_id=pad,
+    )
+    return output[:, prompt_ids.shape[1] :]
+
+
+def _stop_token(model, prompt_ids, prompt_mask, pad: int) -> int:
+    """The token that greedy decoding first reaches at the most different steps across rows: as
+    the stop token it ends rows at many steps, so that rows leave the engine's batch one by one."""
+    responses = _generate(model, prompt_ids, prompt_mask, pad, pad)  # only the (unlikely) pad token stops it
+
+    def first_steps(token):
+        hits = responses == token
+        return len({int(row.float().argmax()) for row in hits if row.any()})
+
+    return max((t for t in responses.unique().tolist() if t != pad), key=first_steps)
+
+
+@pytest.mark.parametrize("bucket_size", [1, 3, 8, 64])
+def test_greedy_tokens_equal_generate(setup, greedy, bucket_size):
+    _, model, tokenizer, prompts = setup
+    pad = tokenizer.pad_token_id
+    prompt_ids, prompt_mask = lm.encode_prompts(tokenizer, prompts)
+    stop = _stop_token(model, prompt_ids, prompt_mask, pad)
+    expected = _generate(model, prompt_ids, prompt_mask, stop, pad)
+    ended = (expected == stop).any(1)
+    assert ended.any() and not ended.all()
+    assert len({int((row == stop).float().argmax()) for row in expected[ended]}) >= 3
+
+    got = sampler.generate(model, prompt_ids, prompt_mask, MAX_NEW_TOKENS, 1.0, 1.0, stop, pad, bucket_size)
+    assert torch.equal(got, expected)
+
+
+def _assert_same_rollout(a: lm.Rollout, b: lm.Rollout):
+    assert a.prompts == b.prompts
+    for field in ("prompt_ids", "prompt_mask", "response_ids", "response_mask"):
+        assert torch.equal(getattr(a, field), getattr(b, field)), field
+    assert a.completions == b.completions
+    assert a.ended_with_eos == b.ended_with_eos
+
+
+def test_greedy_rollout_equals_generate(setup, greedy):
+    """The whole Rollout of lm.sample, padding, masks and texts included, whichever the engine."""
+    model, _, tokenizer, prompts = setup
+    by_generate = lm.sample(model, tokenizer, prompts, MAX_NEW_TOKENS, 1.0)
+    by_engine = lm.sample(model, tokenizer, prompts, MAX_NEW_TOKENS, 1.0, engine="bucketed")
+    _assert_same_rollout(by_engine, by_generate)
+    assert any(by_generate.ended_with_eos)
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.7, 0.8)])
+def test_each_step_samples_generates_distribution(setup, monkeypatch, temperature, top_p):
+    """Every distribution the engine drew a token from equals the one a single forward pass over
+    prompt + response gives at a response position, after the temperature and transformers' own
+    top-p warper; each real response position is drawn from exactly once, its token from it."""
+    model, _, tokenizer, prompts = setup
+    drawn = []
+
+    def recording_draw(scores):
+        tokens = draw(scores)
+        drawn.extend(zip(scores.log_softmax(-1), tokens.tolist()))
+        return tokens
+
+    draw = sampler.draw
+    monkeypatch.setattr(sampler, "draw", recording_draw)
+    torch.manual_seed(SEED)
+    result = lm.sample(model, tokenizer, prompts, MAX_NEW_TOKENS, temperature, top_p, engine="bucketed")
+
+    with torch.no_grad():
+        logits = lm.response_logits(model, result, temperature).float()  # (B, R, V)
+    real = result.response_mask.bool()
+    reference = logits[real]
+    if top_p < 1:
+        reference = TopPLogitsWarper(top_p)(None, reference)
+    reference = reference.log_softmax(-1)  # one row per real response position
+    tokens = result.response_ids[real]
+
+    assert len(drawn) == len(reference)
+    unmatched = torch.ones(len(reference), dtype=torch.bool)
+    for logprobs, token in drawn:
+        same_support = (logprobs.isinf() == reference.isinf()).all(-1)
+        gap = torch.where(reference.isinf(), 0.0, reference - logprobs).abs().amax(-1)
+        # positions with this distribution (several, where a nucleus holds one token) and this token
+        candidates = same_support & (gap < 1e-5) & (tokens == token) & unmatched
+        assert candidates.any()
+        unmatched[int(candidates.float().argmax())] = False
+    if top_p < 1:
+        assert reference.isinf().any()  # the nucleus cut tokens: the check covers it
+
+
+def test_rollout_layout(setup):
+    """Prompts in the caller's order, one EOS kept at the end of a response and padding after it,
+    completions without it, responses cut at max_new_tokens without EOS."""
+    model, _, tokenizer, prompts = setup
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    torch.manual_seed(SEED)
+    result = lm.sample(model, tokenizer, prompts, MAX_NEW_TOKENS, 1.0, engine="bucketed")
+    prompt_ids, prompt_mask = lm.encode_prompts(tokenizer, prompts)
+    assert result.prompts == prompts
+    assert torch.equal(result.prompt_ids, prompt_ids) and torch.equal(result.prompt_mask, prompt_mask)
+
+    lengths = result.response_mask.sum(1)
+    width = result.response_ids.shape[1]
+    assert width == int(lengths.max()) <= MAX_NEW_TOKENS
+    ended = result.ended_with_eos
+    assert any(ended) and not all(ended)
+    assert len({int(n) for n, e in zip(lengths, ended) if e}) >= 2  # rows left the batch at different steps
+    for ids, mask, n, eos_ended, completion in zip(
+        result.response_ids, result.response_mask, lengths.tolist(), ended, result.completions
+    ):
+        assert mask.tolist() == [1] * n + [0] * (width - n)
+        assert (ids[n:] == pad).all()
+        if eos_ended:
+            assert int(ids[n - 1]) == eos and int((ids[:n] == eos).sum()) == 1
+        else:
+            assert n == MAX_NEW_TOKENS and not (ids == eos).any()
+        real = ids[:n]
+        assert completion == tokenizer.decode(real[real != eos], skip_special_tokens=True)
+
+
+def test_responses_stop_at_the_context(setup):
+    model, _, tokenizer, prompts = setup
+    torch.manual_seed(SEED)
+    result = lm.sample(model, tokenizer, prompts, 1000, 1.0, engine="bucketed")
+    room = CONTEXT - result.prompt_ids.shape[1]
+    assert result.response_ids.shape[1] <= room
+    cut = [n for n, e in zip(result.response_mask.sum(1).tolist(), result.ended_with_eos) if not e]
+    assert cut and all(n == room for n in cut)
+
+
+def test_empty_completions(setup, monkeypatch):
+    """EOS as every row's first token: one-token responses, empty completions, as generate gives."""
+    model, _, tokenizer, prompts = setup
+    eos = tokenizer.eos_token_id
+    monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples: torch.full((len(probs), 1), eos))
+    by_engine = lm.sample(model, tokenizer, prompts, MAX_NEW_TOKENS, 1.0, engine="bucketed")
+    _assert_same_rollout(by_engine, lm.sample(model, tokenizer, prompts, MAX_NEW_TOKENS, 1.0))
+    assert by_engine.response_ids.tolist() == [[eos]] * len(prompts)
+    assert by_engine.completions == [""] * len(prompts) and all(by_engine.ended_with_eos)
+
+
+def test_nlpo_mask_samples_with_generate(setup):
+    """A logits processor (NLPO's mask) takes `generate` whatever the engine: the same draws."""
+    model, _, tokenizer, prompts = setup
+    rollouts = []
+    for engine in ("generate", "bucketed"):
+        mask = nlpo.MaskPolicy(model, 0.5, 1, 1, tokenizer.eos_token_id)
+        torch.manual_seed(SEED)
+        rollouts.append(lm.sample(model, tokenizer, prompts, MAX_NEW_TOKENS, 1.0, 1.0, mask.processor, engine=engine))
+        assert mask.applied().shape[:2] == rollouts[-1].response_ids.shape
+    _assert_same_rollout(*rollouts)
+
+
+def test_sampling_config_picks_the_engine(setup, monkeypatch):
+    model, _, tokenizer, prompts = setup
+    calls = []
+    engine = sampler.generate
+    monkeypatch.setattr(sampler, "generate", lambda *args, **kwargs: calls.append(1) or engine(*args, **kwargs))
+    lm.sample_many(model, tokenizer, prompts[:4], SamplingConfig(max_new_tokens=4, batch_size=2), seed=0)
+    assert calls == []
+    bucketed = SamplingConfig(max_new_tokens=4, batch_size=2, engine="bucketed")
+    lm.sample_many(model, tokenizer, prompts[:4], bucketed, seed=0)
+    assert len(calls) == 2
+    rollout.generate(model, tokenizer, prompts[:2], 2, bucketed)
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="unknown sampling engine"):
+        lm.sample(model, tokenizer, prompts, MAX_NEW_TOKENS, 1.0, engine="vllm")

@@ -1,0 +1,119 @@
+"""SFT with the LM head on the loss's tokens only (`sft.head_on_targets`): the loss and every
+gradient of the full head's `masked_lm_loss`, padded and packed, for GPT-2 and a Llama-family
+model (SmolLM2's architecture, its LM head untied), and the same training run."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from components import world
+from components.models import lm
+from components.sections import SFTConfig
+from components.trainers import sft
+
+targets_nll = sft.targets_nll
+MAX_LENGTH = 64
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def reviews():
+    return world.generate_reviews(200, 0.1, 0.3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(reviews):
+    return lm.train_tokenizer([r.document for r in reviews], 300)
+
+
+def gpt2(tokenizer):
+    torch.manual_seed(0)
+    model = lm.build_model(tokenizer, n_layer=1, n_head=2, n_embd=32, max_length=MAX_LENGTH).eval()
+    with torch.no_grad():
+        model.transformer.wpe.weight.mul_(20)  # positions matter: a wrong position id shows in the loss
+    return model
+
+
+def llama(tokenizer):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=MAX_LENGTH, tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def demos(reviews, n: int) -> list[sft.Demonstration]:
+    """Prompts and responses of varied lengths (rows padded differently; several share a packed
+    row), and a whole review with an empty prompt (pretraining's case) truncated to MAX_LENGTH."""
+    short = [
+        sft.Demonstration(r.prompt(2 + i % 3), " " + " ".join(r.text.split()[3 : 4 + i % 7]))
+        for i, r in enumerate(reviews[:n])
+    ]
+    return short + [sft.Demonstration("", next(r.document for r in reviews if len(r.document) > 3 * MAX_LENGTH))]
+
+
+def mean_loss_and_grads(model, objective: sft.LMObjective, indices: list[int]):
+    model.zero_grad()
+    loss = objective.loss(model, indices)[0] / objective.n_terms(indices)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("build", [gpt2, llama])
+def test_head_on_targets_gives_the_loss_and_gradients_of_the_full_head(reviews, tokenizer, build, packing, monkeypatch):
+    # chunks of 16 positions: the targets span several chunks, one of them partial
+    monkeypatch.setattr(lm, "head_logprobs", functools.partial(lm.head_logprobs, chunk_size=16))
+    model = build(tokenizer)
+    examples = demos(reviews, 12)
+    full = sft.lm_objective(tokenizer, examples, MAX_LENGTH, packing=packing)
+    on_targets = sft.lm_objective(tokenizer, examples, MAX_LENGTH, packing=packing, head_on_targets=True)
+    rows = list(range(full.n_examples))
+    batch = rows[1:] + rows[:1]  # not in row order, and (padded) the longest row not first
+    assert full.n_terms(batch) > 16 and full.n_terms(batch) % 16
+
+    loss, grads = mean_loss_and_grads(model, full, batch)
+    loss_on_targets, grads_on_targets = mean_loss_and_grads(model, on_targets, batch)
+    assert loss_on_targets.item() == pytest.approx(loss.item(), abs=1e-5)
+    assert grads.keys() == grads_on_targets.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_on_targets[name], grad, rtol=0, atol=1e-5, msg=name)
+
+    # the head ran on the predictors of the loss-masked tokens only, not on the prompts or the padding
+    positions = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, output: positions.append(args[0].shape[:-1].numel())
+    )
+    with torch.no_grad():
+        on_targets.loss(model, batch)
+    hook.remove()
+    assert sum(positions) == on_targets.n_terms(batch) < on_targets.attention_mask[batch].sum()
+
+
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_sft_train_with_head_on_targets_ends_at_the_same_loss_and_weights(reviews, tokenizer, packing, monkeypatch):
+    examples = demos(reviews, 40)  # packed: 4 rows or more, a batch
+    calls = []
+    monkeypatch.setattr(sft, "targets_nll", lambda *args: calls.append(1) or targets_nll(*args))
+    results = {}
+    for head_on_targets in (False, True):
+        model = gpt2(tokenizer)
+        cfg = SFTConfig(
+            epochs=2, batch_size=4, lr=3e-3, checkpoint_every=0, mixed_precision="no", head_on_targets=head_on_targets
+        )
+        metrics = sft.train(
+            model, tokenizer, examples, MAX_LENGTH, cfg, seed=0, packing=packing, head_on_targets=cfg.head_on_targets
+        )
+        assert bool(calls) == head_on_targets  # the switch reaches the objective
+        results[head_on_targets] = metrics["loss"], dict(model.named_parameters())
+    (loss, weights), (loss_on_targets, weights_on_targets) = results[False], results[True]
+    assert loss_on_targets == pytest.approx(loss, abs=1e-4)
+    for name, weight in weights.items():
+        torch.testing.assert_close(weights_on_targets[name], weight, rtol=0, atol=1e-4, msg=name)
