@@ -3,9 +3,9 @@
 Work is counted in preference pairs. Each side keeps its default for the reference log-probs:
 ours computes them once before training (`precompute_ref_logprobs=True`), TRL runs the frozen
 reference model on every step (`precompute_ref_log_probs=False`). `peer_precomputed` is TRL with
-precomputation switched on, the like-for-like comparison. Precomputation happens before the first
-step, so it is outside the timed steps on both sides but inside the peak-memory span. Both sides
-switch dropout off, their default.
+precomputation switched on, `ours_on_the_fly` ours with it off: the like-for-like comparisons.
+Precomputation happens before the first step, so it is outside the timed steps on both sides but
+inside the peak-memory span. Both sides switch dropout off, their default.
 """
 
 from __future__ import annotations
@@ -23,15 +23,23 @@ from components.sections import DPOConfig
 UNIT = "pairs/s"
 
 
-def ours(sizes):
+def _ours(sizes, precompute: bool):
     work = workload.build(sizes)
     policy = workload.causal_lm(work)
-    cfg = sides.ours_config(DPOConfig, sizes)
+    cfg = sides.ours_config(DPOConfig, sizes, precompute_ref_logprobs=precompute)
 
     def job(clock):
         dpo.train(policy, work.tokenizer, work.pairs, sizes.max_length, cfg, SEED, sides.ours_clock(clock))
 
     return job, [float(sizes.batch_size)] * sizes.steps
+
+
+def ours(sizes):
+    return _ours(sizes, precompute=True)
+
+
+def ours_on_the_fly(sizes):
+    return _ours(sizes, precompute=False)
 
 
 def _trl(sizes, precompute: bool):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import gc
+import math
 import multiprocessing
 import queue
 import resource
@@ -200,7 +201,7 @@ def rounds(prepares: dict[str, Prepare], sizes, repeats: int) -> dict[str, list[
 def summary(run: dict) -> str:
     work = sum(run["work"])
     return (
-        f"{work / sum(run['seconds']):.1f}/s ({work / sum(run['cpu_seconds']):.1f} per CPU-s), "
+        f"{work / sum(run['seconds']):.4g}/s ({work / sum(run['cpu_seconds']):.4g} per CPU-s), "
         f"peak {run['peak_mib']:.1f} MiB"
     )
 
@@ -223,4 +224,11 @@ def peak_mib(runs: list[dict]) -> float:
 def row(name: str, ours: float, peer: float, unit: str, higher_is_better: bool = True) -> dict:
     """One result line; `ratio` > 1 means ours is better (ours/peer for rates, peer/ours for costs)."""
     ratio = ours / peer if higher_is_better else peer / ours
-    return {"name": name, "ours": round(ours, 2), "peer": round(peer, 2), "unit": unit, "ratio": round(ratio, 3)}
+    return {"name": name, "ours": _rounded(ours), "peer": _rounded(peer), "unit": unit, "ratio": round(ratio, 3)}
+
+
+def _rounded(value: float) -> float:
+    """Two decimals, more below 10 so that at least four significant digits remain (e.g. 0.1234 pairs/s)."""
+    if value == 0:
+        return value
+    return round(value, max(2, 3 - math.floor(math.log10(abs(value)))))

@@ -29,7 +29,10 @@ def ours(sizes):
     cfg = sides.ours_config(SFTConfig, sizes)
 
     def job(clock):
-        sft.train(model, work.tokenizer, work.demonstrations, sizes.max_length, cfg, SEED, sides.ours_clock(clock))
+        sft.train(
+            model, work.tokenizer, work.demonstrations, sizes.max_length, cfg, SEED, sides.ours_clock(clock),
+            head_on_targets=cfg.head_on_targets,
+        )
 
     return job, _tokens_per_step(work, sizes)
 

@@ -19,7 +19,7 @@ from datasets import Dataset
 from transformers import PrinterCallback, TrainerCallback
 
 from benchmarks.measure import StepClock
-from benchmarks.workload import SEED, Sizes
+from benchmarks.workload import SEED, Sizes, ours_options
 from components.models.training import step_batches
 
 WARMUP_FRACTION = 0.05
@@ -51,6 +51,8 @@ def train_trl(trainer, sizes: Sizes) -> None:
 
 
 def ours_config(config_class, sizes: Sizes, **fields):
+    """Our trainer's config: the shared optimisation, the workload's options (`workload.HH_OPTIONS`), `fields`."""
+    fields = {**ours_options(sizes, config_class.__name__), **fields}
     return config_class(
         epochs=1,
         batch_size=sizes.batch_size,
