@@ -10,33 +10,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from components import world
 from components.models import lm
-from components.sections import SFTConfig
 from components.trainers import sft
+# the tiny GPT-2 (position embeddings that matter) and the fixtures of the SFT tests
+from tests.test_sft import MAX_LENGTH, reviews, tokenizer  # noqa: F401 (fixtures)
+from tests.test_sft import tiny_model as gpt2
+from components.sections import SFTConfig
 
 targets_nll = sft.targets_nll
-MAX_LENGTH = 64
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def reviews():
-    return world.generate_reviews(200, 0.1, 0.3, seed=0)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(reviews):
-    return lm.train_tokenizer([r.document for r in reviews], 300)
-
-
-def gpt2(tokenizer):
-    torch.manual_seed(0)
-    model = lm.build_model(tokenizer, n_layer=1, n_head=2, n_embd=32, max_length=MAX_LENGTH).eval()
-    with torch.no_grad():
-        model.transformer.wpe.weight.mul_(20)  # positions matter: a wrong position id shows in the loss
-    return model
 
 
 def llama(tokenizer):
