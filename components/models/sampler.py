@@ -9,7 +9,7 @@ top_k 0, KV cache) with less wasted work, behind `lm.sample(..., engine="buckete
   last one stops.
 
 Each step samples as `generate` does: the last position's logits in float32, divided by the
-temperature, cut to the top-p nucleus as transformers' TopPLogitsWarper cuts it, then softmax and
+temperature, cut to the top-p nucleus by transformers' TopPLogitsWarper, then softmax and
 torch.multinomial. The distribution is the same, the draws are not: the random stream is consumed
 by other batches than `generate`'s.
 """
@@ -17,6 +17,7 @@ by other batches than `generate`'s.
 from __future__ import annotations
 
 import torch
+from transformers import TopPLogitsWarper
 
 from components.models import lm
 
@@ -27,17 +28,10 @@ BUCKET_SIZE = 8
 
 
 def warp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """`generate`'s processing of next-token logits: divided by the temperature, then the top-p
-    nucleus (Holtzman et al. 2020) with TopPLogitsWarper's semantics: with the tokens sorted by
-    ascending probability, those whose cumulative probability is at most 1 - top_p are set to
-    -inf; the most probable token is always kept."""
+    """`generate`'s processing of next-token logits: divided by the temperature, then cut to the
+    top-p nucleus (Holtzman et al. 2020) by transformers' own TopPLogitsWarper."""
     scores = logits / temperature  # generate skips this at temperature 1, where it is exact anyway
-    if top_p < 1.0:
-        ascending, order = scores.sort(dim=-1)
-        removed = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
-        removed[..., -1] = False
-        scores = scores.masked_fill(removed.scatter(-1, order, removed), -float("inf"))
-    return scores
+    return TopPLogitsWarper(top_p)(None, scores) if top_p < 1.0 else scores
 
 
 def draw(scores: torch.Tensor) -> torch.Tensor:
