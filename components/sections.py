@@ -166,7 +166,8 @@ class SamplingConfig(Section):
     engine: Literal["generate", "bucketed"] = Field(
         "generate",
         description="generate: transformers' model.generate; bucketed: the same distribution from "
-        "components/models/sampler.py (prompts bucketed by length, finished rows dropped from the batch)",
+        "components/models/sampler.py (the prefill in length buckets, finished rows dropped from the batch, the "
+        "nucleus found by topk)",
     )
 
 

@@ -122,12 +122,16 @@ def test_greedy_rollout_equals_generate(setup, greedy):
 def test_each_step_samples_generates_distribution(setup, monkeypatch, temperature, top_p):
     """Every distribution the engine drew a token from equals the one a single forward pass over
     prompt + response gives at a response position, after the temperature and transformers' own
-    top-p warper; each real response position is drawn from exactly once, its token from it."""
+    top-p warper; each real response position is drawn from exactly once, its token from it.
+    Where a token's cumulative probability lies within float rounding of top_p (the engine's
+    cached logits and the single pass differ by about 1e-6), either side of it is the warper's."""
     model, _, tokenizer, prompts = setup
     drawn = []
 
-    def recording_draw(scores):
-        tokens = draw(scores)
+    def recording_draw(scores, ids):
+        tokens = draw(scores, ids)
+        if ids is not None:  # the nucleus' scores in the vocabulary, -inf elsewhere
+            scores = torch.full((len(scores), model.config.vocab_size), float("-inf")).scatter(1, ids, scores)
         drawn.extend(zip(scores.log_softmax(-1), tokens.tolist()))
         return tokens
 
@@ -139,23 +143,42 @@ def test_each_step_samples_generates_distribution(setup, monkeypatch, temperatur
     with torch.no_grad():
         logits = lm.response_logits(model, result, temperature).float()  # (B, R, V)
     real = result.response_mask.bool()
-    reference = logits[real]
-    if top_p < 1:
-        reference = TopPLogitsWarper(top_p)(None, reference)
-    reference = reference.log_softmax(-1)  # one row per real response position
+    tops = [top_p] if top_p == 1 else [top_p, top_p - 1e-6, top_p + 1e-6]
+    # one row per real response position, for each top_p
+    references = [(TopPLogitsWarper(p)(None, logits[real]) if p < 1 else logits[real]).log_softmax(-1) for p in tops]
     tokens = result.response_ids[real]
 
-    assert len(drawn) == len(reference)
-    unmatched = torch.ones(len(reference), dtype=torch.bool)
+    assert len(drawn) == len(tokens)
+    unmatched = torch.ones(len(tokens), dtype=torch.bool)
     for logprobs, token in drawn:
-        same_support = (logprobs.isinf() == reference.isinf()).all(-1)
-        gap = torch.where(reference.isinf(), 0.0, reference - logprobs).abs().amax(-1)
+        same = torch.zeros(len(tokens), dtype=torch.bool)
+        for reference in references:
+            same_support = (logprobs.isinf() == reference.isinf()).all(-1)
+            gap = torch.where(reference.isinf(), 0.0, reference - logprobs).abs().amax(-1)
+            same |= same_support & (gap < 1e-5)
         # positions with this distribution (several, where a nucleus holds one token) and this token
-        candidates = same_support & (gap < 1e-5) & (tokens == token) & unmatched
+        candidates = same & (tokens == token) & unmatched
         assert candidates.any()
         unmatched[int(candidates.float().argmax())] = False
     if top_p < 1:
-        assert reference.isinf().any()  # the nucleus cut tokens: the check covers it
+        assert references[0].isinf().any()  # the nucleus cut tokens: the check covers it
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9, 0.999])
+@pytest.mark.parametrize("spread", [0.1, 3.0])
+def test_nucleus_equals_top_p_warper(top_p, spread):
+    """The nucleus from topk is TopPLogitsWarper's: the same tokens kept, the same scores, also
+    where it is wider than the first search (flat logits) and where it holds one token."""
+    torch.manual_seed(SEED)
+    logits = spread * torch.randn(6, 5000)
+    logits[0, 7] = 50.0  # one token holds nearly all the probability
+    reference = TopPLogitsWarper(top_p)(None, logits / 0.7)
+    scores, ids = sampler.nucleus(logits, 0.7, top_p)
+    got = torch.full_like(logits, float("-inf")).scatter(1, ids, scores)
+    assert torch.equal(got.isinf(), reference.isinf())
+    assert torch.allclose(got[~got.isinf()], reference[~reference.isinf()])
+    kept = (~reference.isinf()).sum(1)
+    assert kept[0] == 1 and (spread == 3.0 or kept[1:].min() > sampler.NUCLEUS_SEARCH)
 
 
 def test_rollout_layout(setup):

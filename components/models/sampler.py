@@ -1,42 +1,69 @@
 """A rollout engine: the sampling distribution of `model.generate` (do_sample, temperature, top-p,
-top_k 0, KV cache) with less wasted work, behind `lm.sample(..., engine="bucketed")`.
+top_k 0, KV cache) with less wasted work, behind `lm.sample(..., engine="bucketed")`. On a CPU,
+for SmolLM2 continuing HH-RLHF conversations (benchmarks/README.md), a `generate` call spends
+about a third of its time in the prefill of left-padded prompts, a sixth sorting and sampling
+the whole vocabulary at every step, and a sixth copying its growing KV cache; this engine cuts
+all three.
 
-- Prompts bucketed by length: sorted by their token count and generated in sub-batches of
-  `bucket_size` rows, so the left padding a sub-batch carries through the prefill and through
-  every decoding step's attention over the KV cache is small.
-- Finished rows dropped: a row that samples EOS leaves the batch, and the KV cache keeps only the
-  rows still generating (`Cache.batch_select_indices`); `generate` computes every row until the
-  last one stops.
+- Prefill in length buckets: prompts sorted by token count run the prefill `bucket_size` rows
+  at a time, each bucket cut to its longest prompt, so little padding goes through the model;
+  their keys and values are then left-padded to one width in one cache, and every row decodes
+  together (a decoding step costs about the same for 16 rows as for 8: reading the weights).
+- A preallocated KV cache (transformers' StaticCache): each step writes its keys and values in
+  place, where `generate`'s DynamicCache concatenates, copying the whole cache at every step.
+- Finished rows dropped: a row that samples EOS leaves the batch and the cache; `generate`
+  computes every row until the last one stops.
+- The nucleus from `topk` rather than a sort of the vocabulary, and the draw among its tokens.
 
 Each step samples as `generate` does: the last position's logits in float32, divided by the
-temperature, cut to the top-p nucleus by transformers' TopPLogitsWarper, then softmax and
-torch.multinomial. The distribution is the same, the draws are not: the random stream is consumed
-by other batches than `generate`'s.
+temperature, cut to the top-p nucleus (the smallest set of most probable tokens whose probability
+reaches top_p, as transformers' TopPLogitsWarper keeps it), then softmax and torch.multinomial.
+The distribution is the same, the draws are not: the random stream is consumed otherwise.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import TopPLogitsWarper
+import torch.nn.functional as F
+from transformers import StaticCache
 
 from components.models import lm
 
-# Rows generated together. Small enough that sorted prompts of mixed lengths share little padding,
-# large enough that a CPU's matmuls are compute-bound; on an accelerator where a step's cost is
-# its kernel launches, larger buckets (up to the whole batch) pay.
-BUCKET_SIZE = 8
+# Rows prefilled together: sorted prompts of mixed lengths share little padding in small buckets,
+# and a prefill of a few hundred tokens a row keeps a CPU's matmuls compute-bound at any size.
+BUCKET_SIZE = 4
+# Tokens first searched for the nucleus; rows whose nucleus is wider search again with 8x more.
+NUCLEUS_SEARCH = 64
 
 
-def warp(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """`generate`'s processing of next-token logits: divided by the temperature, then cut to the
-    top-p nucleus (Holtzman et al. 2020) by transformers' own TopPLogitsWarper."""
+def nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The tokens `generate` samples among: (scores, token ids), both (B, k), the scores divided
+    by the temperature and -inf outside the top-p nucleus (Holtzman et al. 2020); ids None where
+    top_p is 1 (the whole vocabulary, scores (B, V)).
+
+    TopPLogitsWarper sorts the vocabulary ascending and removes the tokens whose cumulative
+    probability is at most 1 - top_p: in descending order, it keeps a token while the probability
+    of the tokens before it is below top_p (the first always). That set lies within the k most
+    probable tokens when those hold top_p together, so only the top k are needed."""
     scores = logits / temperature  # generate skips this at temperature 1, where it is exact anyway
-    return TopPLogitsWarper(top_p)(None, scores) if top_p < 1.0 else scores
+    if top_p >= 1.0:
+        return scores, None
+    log_total = scores.logsumexp(dim=-1, keepdim=True)
+    k = min(NUCLEUS_SEARCH, scores.shape[-1])
+    while True:
+        top, ids = scores.topk(k, dim=-1)
+        cumulative = (top - log_total).exp().cumsum(dim=-1)
+        if k == scores.shape[-1] or bool((cumulative[:, -1] >= top_p).all()):
+            break
+        k = min(8 * k, scores.shape[-1])
+    before = F.pad(cumulative[:, :-1], (1, 0))  # probability of the tokens ranked before each
+    return top.masked_fill(before >= top_p, float("-inf")), ids
 
 
-def draw(scores: torch.Tensor) -> torch.Tensor:
-    """One token per row from softmax(scores), as `generate` draws it."""
-    return torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
+def draw(scores: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    """One token per row from softmax(scores) over `ids` (the vocabulary where None)."""
+    picked = torch.multinomial(scores.softmax(dim=-1), num_samples=1)
+    return (picked if ids is None else ids.gather(1, picked)).squeeze(1)
 
 
 @torch.no_grad()
@@ -49,45 +76,54 @@ def generate(
     response (at most `max_new_tokens`), as in `generate`'s output after the prompt."""
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
-    lengths = prompt_mask.sum(dim=1)
-    responses = torch.full((len(prompt_ids), max_new_tokens), pad_token_id, device=device)
-    width = 0
-    for rows in lengths.argsort(stable=True).split(bucket_size):
-        longest = int(lengths[rows].max())  # the bucket's columns: the prompts' left padding beyond it is cut
-        steps = _decode(
-            model, prompt_ids[rows, -longest:], prompt_mask[rows, -longest:], rows, responses, temperature, top_p,
-            eos_token_id,
-        )
-        width = max(width, steps)
-    return responses[:, :width].cpu()
-
-
-def _decode(
-    model, ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, responses: torch.Tensor, temperature: float,
-    top_p: float, eos_token_id: int,
-) -> int:
-    """Sample one bucket's responses into `responses[rows]`, dropping each row from the batch once
-    it samples EOS; returns the number of steps taken (the bucket's longest response)."""
-    max_new_tokens = responses.shape[1]
+    rows, logits, cache = _prefill(model, prompt_ids, prompt_mask, bucket_size, max_new_tokens)
+    mask = prompt_mask[rows]
     # the attention mask of the whole generation, built once: the prompt's, then every new token
+    # (the cache's positions not written yet are after the query's, out of its causal reach)
     attention = torch.cat([mask, mask.new_ones(len(mask), max_new_tokens)], dim=1)
-    positions = lm.position_ids(mask)  # real tokens only, as lm.forward counts them
-    output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-    cache, position = output.past_key_values, positions[:, -1:] + 1
+    position = lm.position_ids(mask)[:, -1:] + 1  # real tokens only, as lm.forward counts them
+    responses = torch.full((len(prompt_ids), max_new_tokens), pad_token_id, device=device)
     for step in range(max_new_tokens):
-        tokens = draw(warp(output.logits[:, -1].float(), temperature, top_p))
+        tokens = draw(*nucleus(logits.float(), temperature, top_p))
         responses[rows, step] = tokens
         running = tokens != eos_token_id
         n_running = int(running.sum())  # the one host sync a step, as generate's stopping check
         if n_running == 0 or step + 1 == max_new_tokens:
-            return step + 1
+            return responses[:, : step + 1].cpu()
         if n_running < len(rows):
             keep = running.nonzero().squeeze(1)
             rows, tokens, position, attention = rows[keep], tokens[keep], position[keep], attention[keep]
-            cache.batch_select_indices(keep)
-        output = model(
-            input_ids=tokens.unsqueeze(1), attention_mask=attention[:, : mask.shape[1] + step + 1],
+            for layer in cache.layers:  # StaticLayer has no batch_select_indices
+                layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+        logits = model(
+            input_ids=tokens.unsqueeze(1), attention_mask=attention,
             position_ids=position, past_key_values=cache, use_cache=True,
-        )
+        ).logits[:, -1]
         position = position + 1
-    return max_new_tokens
+    return responses.cpu()  # max_new_tokens 0
+
+
+def _prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, bucket_size: int, max_new_tokens: int):
+    """The prompts' prefill in length buckets: (rows, last logits, KV cache), the rows in sorted
+    order (`rows` maps each to its prompt); the cache holds the prompts left-padded to the widest
+    and room for `max_new_tokens` more."""
+    width = prompt_mask.shape[1]
+    lengths = prompt_mask.sum(dim=1)
+    order = lengths.argsort(stable=True)
+    logits, layers = [], []
+    for rows in order.split(bucket_size):
+        longest = int(lengths[rows].max())  # the bucket's columns: the prompts' left padding beyond it is cut
+        ids, mask = prompt_ids[rows, -longest:], prompt_mask[rows, -longest:]
+        output = model(
+            input_ids=ids, attention_mask=mask, position_ids=lm.position_ids(mask), use_cache=True, logits_to_keep=1
+        )
+        logits.append(output.logits[:, -1])
+        # keys and values (rows, heads, longest, head dim) padded on the left to the prompts' width
+        layers.append([
+            tuple(F.pad(state, (0, 0, width - longest, 0)) for state in (layer.keys, layer.values))
+            for layer in output.past_key_values.layers
+        ])
+    cache = StaticCache(config=model.config, max_cache_len=width + max_new_tokens)
+    for index, per_bucket in enumerate(zip(*layers)):
+        cache.update(*(torch.cat(states) for states in zip(*per_bucket)), index)
+    return order, torch.cat(logits), cache
