@@ -141,6 +141,11 @@ class SFTConfig(TrainerConfig):
         description="run the LM head only where the loss needs it (the tokens that predict response tokens), a "
         "chunk of positions at a time: the same loss, with less compute and memory for a large vocabulary",
     )
+    padding_free: bool = Field(
+        False,
+        description="each batch's demonstrations end to end in one row without padding, positions restarting and "
+        "attention kept within each: the same loss, no compute spent on padding (no effect with packing)",
+    )
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(16, ge=1)
     lr: float = Field(5e-4, gt=0)
@@ -252,6 +257,10 @@ class RewardConfig(TrainerConfig):
         True, description="bradley_terry on a causal backbone: each pair in one row, the shared prefix computed once "
         "(Wang and Hegde 2024); needs the sdpa or eager attention. False: one row per response"
     )
+    padding_free: bool = Field(
+        False, description="with prefix_sharing: a batch's pairs end to end in one row without padding, attention "
+        "kept within each pair: the same loss, no compute spent on padding"
+    )
 
 
 class LoRASettings(Section):
@@ -279,6 +288,10 @@ class DPOConfig(TrainerConfig, LoRASettings):
     prefix_sharing: bool = Field(
         True, description="each pair in one row, [prompt | chosen | rejected], the prompt computed once (Wang and Hegde "
         "2024); needs the sdpa or eager attention. False: two rows, [prompt | chosen] and [prompt | rejected]"
+    )
+    padding_free: bool = Field(
+        False, description="with prefix_sharing: a batch's pairs end to end in one row without padding, attention "
+        "kept within each pair: the same loss, no compute spent on padding"
     )
     precompute_ref_logprobs: bool = Field(
         True, description="reference log-probs computed once before training and cached; False: on every step"

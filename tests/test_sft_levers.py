@@ -1,6 +1,7 @@
-"""SFT with the LM head on the loss's tokens only (`sft.head_on_targets`): the loss and every
-gradient of the full head's `masked_lm_loss`, padded and packed, for GPT-2 and a Llama-family
-model (SmolLM2's architecture, its LM head untied), and the same training run."""
+"""SFT's speed levers: the LM head on the loss's tokens only (`sft.head_on_targets`) and
+padding-free batches (`sft.one_row`). Each gives the loss and every gradient of the padded batch
+under the full head's `masked_lm_loss` (padded and packed rows for the head), for GPT-2 and a
+Llama-family model (SmolLM2's architecture, its LM head untied), and the same training run."""
 
 from __future__ import annotations
 
@@ -80,23 +81,57 @@ def test_head_on_targets_gives_the_loss_and_gradients_of_the_full_head(reviews, 
     assert sum(positions) == on_targets.n_terms(batch) < on_targets.attention_mask[batch].sum()
 
 
-@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
-def test_sft_train_with_head_on_targets_ends_at_the_same_loss_and_weights(reviews, tokenizer, packing, monkeypatch):
+@pytest.mark.parametrize("head_on_targets", [False, True])
+@pytest.mark.parametrize("build", [gpt2, llama])
+def test_padding_free_gives_the_loss_and_gradients_of_the_padded_batch(reviews, tokenizer, build, head_on_targets):
+    model = build(tokenizer)
+    examples = demos(reviews, 12)
+    padded = sft.lm_objective(tokenizer, examples, MAX_LENGTH)
+    free = sft.lm_objective(tokenizer, examples, MAX_LENGTH, head_on_targets=head_on_targets, padding_free=True)
+    rows = list(range(padded.n_examples))
+    batch = rows[1:] + rows[:1]  # the longest row not first
+    lengths = padded.attention_mask[batch].sum(1)
+    assert lengths.min() < lengths.max()  # the padded batch holds padding
+
+    loss, grads = mean_loss_and_grads(model, padded, batch)
+    loss_free, grads_free = mean_loss_and_grads(model, free, batch)
+    assert loss_free.item() == pytest.approx(loss.item(), abs=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_free[name], grad, rtol=0, atol=1e-5, msg=name)
+
+    # the model ran on one row of the batch's real tokens, nothing else
+    shapes = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: shapes.append(kwargs["input_ids"].shape), with_kwargs=True)
+    with torch.no_grad():
+        free.loss(model, batch)
+    hook.remove()
+    assert shapes == [(1, int(lengths.sum()))]
+
+
+@pytest.mark.parametrize(
+    "lever, packing", [("head_on_targets", False), ("head_on_targets", True), ("padding_free", False)],
+    ids=["head_on_targets-padded", "head_on_targets-packed", "padding_free"],
+)
+def test_sft_train_with_a_lever_ends_at_the_same_loss_and_weights(reviews, tokenizer, lever, packing, monkeypatch):
     examples = demos(reviews, 40)  # packed: 4 rows or more, a batch
     calls = []
-    monkeypatch.setattr(sft, "targets_nll", lambda *args: calls.append(1) or targets_nll(*args))
+    spied = {"head_on_targets": "targets_nll", "padding_free": "one_row"}[lever]
+    original = getattr(sft, spied)
+    monkeypatch.setattr(sft, spied, lambda *args: calls.append(1) or original(*args))
     results = {}
-    for head_on_targets in (False, True):
+    for on in (False, True):
         model = gpt2(tokenizer)
-        cfg = SFTConfig(
-            epochs=2, batch_size=4, lr=3e-3, checkpoint_every=0, mixed_precision="no", head_on_targets=head_on_targets
-        )
+        for module in model.modules():  # no dropout: a padding-free batch's other shapes draw other masks
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        cfg = SFTConfig(epochs=2, batch_size=4, lr=3e-3, checkpoint_every=0, mixed_precision="no", **{lever: on})
         metrics = sft.train(
-            model, tokenizer, examples, MAX_LENGTH, cfg, seed=0, packing=packing, head_on_targets=cfg.head_on_targets
+            model, tokenizer, examples, MAX_LENGTH, cfg, seed=0, packing=packing, head_on_targets=cfg.head_on_targets,
+            padding_free=cfg.padding_free,
         )
-        assert bool(calls) == head_on_targets  # the switch reaches the objective
-        results[head_on_targets] = metrics["loss"], dict(model.named_parameters())
-    (loss, weights), (loss_on_targets, weights_on_targets) = results[False], results[True]
-    assert loss_on_targets == pytest.approx(loss, abs=1e-4)
+        assert bool(calls) == on  # the switch reaches the objective
+        results[on] = metrics["loss"], dict(model.named_parameters())
+    (loss, weights), (loss_on, weights_on) = results[False], results[True]
+    assert loss_on == pytest.approx(loss, abs=1e-4)
     for name, weight in weights.items():
-        torch.testing.assert_close(weights_on_targets[name], weight, rtol=0, atol=1e-4, msg=name)
+        torch.testing.assert_close(weights_on[name], weight, rtol=0, atol=1e-4, msg=name)

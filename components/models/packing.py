@@ -27,7 +27,16 @@ the same positions as in its own row, so its hidden states, logits and scores ar
 unshared rows (up to float rounding), while the prompt is computed once. Padding attends to the
 prompt and earlier padding (never an empty row, which would give NaN); no real token attends to it.
 
-The mask goes to the model as a 4-D (B, 1, L, L) tensor, which transformers passes to the
+Padding-free (`padding_free`): pairs of clearly different lengths leave those rows mostly
+padding, which every layer computes. Sequence packing without cross-contamination (Krell et al.
+2021, arXiv 2107.02027; "padding-free" in TRL), which Wang and Hegde combine with prefix sharing
+for 1.3-1.6x, puts the batch's B pairs one after another in ONE row, [p0 c0 r0 p1 c1 r1 ...],
+each pair's positions restarting at 0, and the mask gains one rule: a token attends only within
+its own pair (block-diagonal, each block the pair's mask above; no padding at all). The token-wise
+layers then compute no padding; the attention, given a dense mask, still computes the row's
+L x L scores, L the sum of the pairs' lengths (their block-sparse kernel skips the empty blocks).
+
+The mask goes to the model as a 4-D (rows, 1, L, L) tensor, which transformers passes to the
 attention as it is: boolean (True: attend) for "sdpa", additive (0 or the dtype's minimum) for
 "eager". Flash attention takes no such mask.
 """
@@ -46,58 +55,70 @@ PROMPT, CHOSEN, REJECTED, PADDING = range(4)
 
 @dataclass
 class PackedPairs:
-    """B pairs packed one per row (see the module docstring), and where their 2B responses lie.
+    """B pairs packed one per row, or all in one row (see the module docstring), and where their 2B
+    responses lie.
 
     Responses are listed as the Rollout layout lists its rows, [chosen; rejected]: response j
     belongs to pair j mod B, and `response_ids` / `response_mask` are right-padded as there.
     """
 
-    input_ids: torch.Tensor  # (B, L), right-padded
-    position_ids: torch.Tensor  # (B, L)
-    segments: torch.Tensor  # (B, L): PROMPT, CHOSEN, REJECTED or PADDING
+    input_ids: torch.Tensor  # (rows, L), right-padded; rows = B, or 1 padding-free
+    position_ids: torch.Tensor  # (rows, L)
+    segments: torch.Tensor  # (rows, L): PROMPT, CHOSEN, REJECTED or PADDING
+    pair_index: torch.Tensor  # (rows, L): the pair of each token (a row's padding: the row's pair)
     response_ids: torch.Tensor  # (2B, R)
     response_mask: torch.Tensor  # (2B, R)
-    predictors: torch.Tensor  # (2B, R): index in the pair's row of the token whose logits predict each response token
-    last: torch.Tensor  # (2B,): index in the pair's row of each response's last token
-
-    @property
-    def pair_rows(self) -> torch.Tensor:
-        """The packed row of each response: (2B,)."""
-        return torch.arange(self.input_ids.shape[0]).repeat(2)
+    pair_rows: torch.Tensor  # (2B,): the packed row of each response
+    predictors: torch.Tensor  # (2B, R): index in its row of the token whose logits predict each response token
+    last: torch.Tensor  # (2B,): index in its row of each response's last token
 
 
 def pack_pairs(
-    prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], pad_token_id: int
+    prompts: list[list[int]], chosen: list[list[int]], rejected: list[list[int]], pad_token_id: int,
+    padding_free: bool = False,
 ) -> PackedPairs:
-    """Token ids of B pairs (responses non-empty) packed as [prompt | chosen | rejected | pad]."""
+    """Token ids of B pairs (responses non-empty) packed as [prompt | chosen | rejected | pad], one
+    pair per row, or with `padding_free` all in one row with no padding."""
     n = len(prompts)
-    width = max(len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected))
-    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros((n, width), dtype=torch.long)
-    segments = torch.full((n, width), PADDING, dtype=torch.long)
+    lengths = [len(p) + len(c) + len(r) for p, c, r in zip(prompts, chosen, rejected)]
+    if padding_free:
+        rows, offsets, width = [0] * n, [sum(lengths[:i]) for i in range(n)], sum(lengths)
+    else:
+        rows, offsets, width = list(range(n)), [0] * n, max(lengths)
+    n_rows = rows[-1] + 1
+    input_ids = torch.full((n_rows, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((n_rows, width), dtype=torch.long)
+    segments = torch.full((n_rows, width), PADDING, dtype=torch.long)
+    pair_index = torch.arange(n_rows).unsqueeze(1).repeat(1, width)
     response_width = max(len(r) for r in chosen + rejected)
     response_ids = torch.full((2 * n, response_width), pad_token_id, dtype=torch.long)
     response_mask = torch.zeros((2 * n, response_width), dtype=torch.long)
     predictors = torch.zeros((2 * n, response_width), dtype=torch.long)
     last = torch.zeros(2 * n, dtype=torch.long)
     for i, (prompt, chosen_ids, rejected_ids) in enumerate(zip(prompts, chosen, rejected)):
-        row = prompt + chosen_ids + rejected_ids
-        input_ids[i, : len(row)] = torch.tensor(row)
-        segments[i, : len(row)] = torch.tensor(
+        row, span = rows[i], slice(offsets[i], offsets[i] + lengths[i])
+        input_ids[row, span] = torch.tensor(prompt + chosen_ids + rejected_ids)
+        segments[row, span] = torch.tensor(
             [PROMPT] * len(prompt) + [CHOSEN] * len(chosen_ids) + [REJECTED] * len(rejected_ids)
         )
+        pair_index[row, span] = i
         # both responses continue the prompt: the rejected one's positions restart after it
-        position_ids[i, : len(row)] = torch.tensor(
+        position_ids[row, span] = torch.tensor(
             list(range(len(prompt) + len(chosen_ids))) + list(range(len(prompt), len(prompt) + len(rejected_ids)))
         )
-        for j, response, start in ((i, chosen_ids, len(prompt)), (n + i, rejected_ids, len(prompt) + len(chosen_ids))):
+        prompt_end = offsets[i] + len(prompt)
+        for j, response, start in ((i, chosen_ids, prompt_end), (n + i, rejected_ids, prompt_end + len(chosen_ids))):
             response_ids[j, : len(response)] = torch.tensor(response)
             response_mask[j, : len(response)] = 1
             # a response's first token is predicted by the prompt's last (-1 for an empty prompt:
             # nothing predicts it), the others by their predecessor in the row
-            predictors[j, : len(response)] = torch.tensor([len(prompt) - 1, *range(start, start + len(response) - 1)])
+            first = prompt_end - 1 if prompt else -1
+            predictors[j, : len(response)] = torch.tensor([first, *range(start, start + len(response) - 1)])
             last[j] = start + len(response) - 1
-    return PackedPairs(input_ids, position_ids, segments, response_ids, response_mask, predictors, last)
+    pair_rows = torch.tensor(rows).repeat(2)
+    return PackedPairs(
+        input_ids, position_ids, segments, pair_index, response_ids, response_mask, pair_rows, predictors, last
+    )
 
 
 def split_common_prefix(first: list[int], second: list[int]) -> tuple[list[int], list[int], list[int]]:
@@ -108,13 +129,17 @@ def split_common_prefix(first: list[int], second: list[int]) -> tuple[list[int],
     return first[:shared], first[shared:], second[shared:]
 
 
-def attention_mask(segments: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
-    """The (B, 1, L, L) mask of the module docstring, as the attention `implementation` takes it:
-    boolean for sdpa, additive in `dtype` for eager."""
+def attention_mask(
+    segments: torch.Tensor, pair_index: torch.Tensor, implementation: str, dtype: torch.dtype
+) -> torch.Tensor:
+    """The (rows, 1, L, L) mask of the module docstring, as the attention `implementation` takes it:
+    boolean for sdpa, additive in `dtype` for eager. `pair_index` keeps each token within its pair
+    (in the one-pair-per-row layout it is constant along a row, and changes nothing)."""
     width = segments.shape[1]
     query, key = segments.unsqueeze(2), segments.unsqueeze(1)
+    same_pair = pair_index.unsqueeze(2) == pair_index.unsqueeze(1)
     causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
-    allowed = (causal & ((key == query) | (key == PROMPT))).unsqueeze(1)
+    allowed = (causal & same_pair & ((key == query) | (key == PROMPT))).unsqueeze(1)
     if implementation == "sdpa":
         return allowed
     if implementation == "eager":
@@ -127,11 +152,14 @@ def attention_mask(segments: torch.Tensor, implementation: str, dtype: torch.dty
 
 
 def hidden_states(model, batch: PackedPairs, **kwargs) -> torch.Tensor:
-    """The final hidden states (B, L, H) of the packed rows (after the final norm: what the heads
+    """The final hidden states (rows, L, H) of the packed rows (after the final norm: what the heads
     read); `kwargs` go to the model (e.g. `logits_to_keep`)."""
     inner = unwrap(model)
     parameter = next(inner.parameters())
-    mask = attention_mask(batch.segments.to(parameter.device), inner.config._attn_implementation, parameter.dtype)
+    mask = attention_mask(
+        batch.segments.to(parameter.device), batch.pair_index.to(parameter.device),
+        inner.config._attn_implementation, parameter.dtype,
+    )
     output = model(
         input_ids=batch.input_ids.to(parameter.device),
         attention_mask=mask,

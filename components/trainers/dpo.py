@@ -8,8 +8,9 @@ log-ratio difference onto 1 / (2 beta) instead; cDPO (Mitchell 2023) smooths the
 A pair's chosen and rejected completions are scored in one forward pass. With prefix sharing
 (`DPOConfig.prefix_sharing`, Wang and Hegde 2024) each pair is one row [prompt | chosen |
 rejected] whose attention mask keeps the responses apart (components/models/packing.py): the
-prompt is computed once, not twice. Without it the batch is 2B rows, [chosen; rejected], in lm's
-Rollout layout (prompt left-padded, completion + EOS right-padded). Both give the same log-probs.
+prompt is computed once, not twice; with `DPOConfig.padding_free` as well, all the batch's pairs
+are one row without padding. Without prefix sharing the batch is 2B rows, [chosen; rejected], in
+lm's Rollout layout (prompt left-padded, completion + EOS right-padded). All give the same log-probs.
 A completion's log-prob is the sum over its tokens, the EOS included: the policy is also trained
 on where to stop.
 
@@ -146,13 +147,17 @@ def collate(tokenizer, pairs: list[PreferencePair], tokens: list[PairTokens]) ->
     )
 
 
-def model_input(tokenizer, pairs: list[PreferencePair], tokens: list[PairTokens], prefix_sharing: bool):
+def model_input(
+    tokenizer, pairs: list[PreferencePair], tokens: list[PairTokens], prefix_sharing: bool, padding_free: bool = False
+):
     """What the model scores the pairs on: with `prefix_sharing` one packed row per pair, [prompt |
-    chosen | rejected] (packing.pack_pairs), else the 2B rows of `collate`. Both list the
-    responses as [chosen; rejected] and give the same log-probs."""
+    chosen | rejected] (packing.pack_pairs), or with `padding_free` as well all pairs in one row,
+    else the 2B rows of `collate` (`padding_free` ignored). All list the responses as [chosen;
+    rejected] and give the same log-probs."""
     if prefix_sharing:
         return packing.pack_pairs(
-            [t.prompt for t in tokens], [t.chosen for t in tokens], [t.rejected for t in tokens], tokenizer.pad_token_id
+            [t.prompt for t in tokens], [t.chosen for t in tokens], [t.rejected for t in tokens],
+            tokenizer.pad_token_id, padding_free,
         )
     return collate(tokenizer, pairs, tokens)
 
@@ -186,7 +191,7 @@ def _fingerprint(tokens: list[PairTokens]) -> str:
 
 def precompute_ref_logprobs(
     policy, ref_model, tokenizer, pairs: list[PreferencePair], tokens: list[PairTokens], batch_size: int,
-    mixed_precision: str = "auto", cache: Path | None = None, prefix_sharing: bool = True,
+    mixed_precision: str = "auto", cache: Path | None = None, prefix_sharing: bool = True, padding_free: bool = False,
 ) -> torch.Tensor:
     """Reference log-probs of every pair, shape (2, N): chosen, rejected. Computed in fixed batches
     (so a rerun gives the same numbers), under the training autocast (so that the first step's
@@ -202,7 +207,8 @@ def precompute_ref_logprobs(
         rows = []
         for start in range(0, len(tokens), batch_size):
             batch = model_input(
-                tokenizer, pairs[start : start + batch_size], tokens[start : start + batch_size], prefix_sharing
+                tokenizer, pairs[start : start + batch_size], tokens[start : start + batch_size], prefix_sharing,
+                padding_free,
             )
             with accelerator.autocast():
                 rows.append(reference_logprobs(policy, ref_model, batch).float().cpu().view(2, -1))
@@ -235,8 +241,10 @@ class DPOObjective:
         return len(indices)
 
     def loss(self, model, indices: list[int]):
+        # padding_free matters only with prefix_sharing: unshared, the 2B rows are padded as always
         batch = model_input(
-            self.tokenizer, [self.pairs[i] for i in indices], [self.tokens[i] for i in indices], self.cfg.prefix_sharing
+            self.tokenizer, [self.pairs[i] for i in indices], [self.tokens[i] for i in indices],
+            self.cfg.prefix_sharing, self.cfg.padding_free,
         )
         logprobs, lengths = sequence_logprobs(model, batch)
         if self.ref_logprobs is not None:
@@ -284,6 +292,7 @@ def train(
         ref_logprobs = precompute_ref_logprobs(
             policy, ref_model, tokenizer, pairs, tokens, cfg.batch_size // cfg.gradient_accumulation_steps,
             cfg.mixed_precision, checkpoint_dir / REF_CACHE if checkpoint_dir else None, cfg.prefix_sharing,
+            cfg.padding_free,
         )
         objective = DPOObjective(tokenizer, pairs, tokens, cfg, ref_logprobs=ref_logprobs)
     else:

@@ -209,7 +209,7 @@ def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batc
 
 
 def _pair_rewards(
-    model, tokenizer, pairs: list[PreferencePair], prefix_sharing: bool = True
+    model, tokenizer, pairs: list[PreferencePair], prefix_sharing: bool = True, padding_free: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chosen and rejected rewards from one forward pass.
 
@@ -217,7 +217,8 @@ def _pair_rewards(
     per response, as `encode` lays them out. With it, over the same tokens packed one pair per
     row: the longest common prefix of the pair's two encoded rows (the prompt, or what is left of
     it after truncation, and any first tokens the responses share), then the rest of each
-    (packing.pack_pairs), the head read at the last chosen and the last rejected token.
+    (packing.pack_pairs), the head read at the last chosen and the last rejected token; with
+    `padding_free` as well, all pairs in one row without padding.
     """
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
@@ -229,7 +230,7 @@ def _pair_rewards(
         prefixes, chosen, rejected = zip(
             *(packing.split_common_prefix(c, r) for c, r in zip(rows[: len(pairs)], rows[len(pairs) :]))
         )
-        batch = packing.pack_pairs(list(prefixes), list(chosen), list(rejected), tokenizer.pad_token_id)
+        batch = packing.pack_pairs(list(prefixes), list(chosen), list(rejected), tokenizer.pad_token_id, padding_free)
         hidden = packing.hidden_states(model, batch)
         last = hidden[batch.pair_rows.to(hidden.device), batch.last.to(hidden.device)]
         # `score`: the head of transformers' causal sequence-classification models, as `rewards_of` reads it
@@ -261,9 +262,12 @@ def token_counts(tokenizer, texts: list[str]) -> list[int]:
 class PairwiseObjective:
     """Bradley-Terry loss over preference pairs; reports the share of correctly ordered pairs."""
 
-    def __init__(self, tokenizer, pairs: list[PreferencePair], use_margin: bool = False, prefix_sharing: bool = True):
+    def __init__(
+        self, tokenizer, pairs: list[PreferencePair], use_margin: bool = False, prefix_sharing: bool = True,
+        padding_free: bool = False,
+    ):
         self.tokenizer, self.pairs, self.use_margin, self.n_examples = tokenizer, pairs, use_margin, len(pairs)
-        self.prefix_sharing = prefix_sharing
+        self.prefix_sharing, self.padding_free = prefix_sharing, padding_free
 
     @cached_property
     def lengths(self) -> list[int]:
@@ -276,7 +280,7 @@ class PairwiseObjective:
 
     def loss(self, model, indices: list[int]):
         pairs = [self.pairs[i] for i in indices]
-        chosen, rejected = _pair_rewards(model, self.tokenizer, pairs, self.prefix_sharing)
+        chosen, rejected = _pair_rewards(model, self.tokenizer, pairs, self.prefix_sharing, self.padding_free)
         margin = torch.tensor([p.margin or 0.0 for p in pairs], device=chosen.device) if self.use_margin else None
         loss = bradley_terry_loss(chosen, rejected, margin) * len(indices)
         return loss, {"accuracy": float((chosen > rejected).sum())}
@@ -327,7 +331,8 @@ def train(
     """Fit the reward model with `cfg.loss` (`cfg.use_margin` applies to bradley_terry, the pairwise
     loss); stores reward_mean / reward_std of the training responses in its config."""
     if cfg.loss == "bradley_terry":
-        objective = PairwiseObjective(tokenizer, pairs, cfg.use_margin, cfg.prefix_sharing)
+        # padding_free matters only with prefix_sharing: unshared, the 2B rows are padded as always
+        objective = PairwiseObjective(tokenizer, pairs, cfg.use_margin, cfg.prefix_sharing, cfg.padding_free)
     else:
         objective = RankingObjective(tokenizer, rankings(pairs), PROMPT_LOSSES[cfg.loss])
     metrics = train_loop(model, objective, cfg, seed, log, checkpoint_dir, "reward")

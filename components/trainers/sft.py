@@ -181,6 +181,7 @@ def targets_nll(
 class LMObjective:
     """Next-token loss on the loss-masked tokens of each row (see `masked_lm_loss`); rows are
     padded examples, or packed ones when `position_ids` are given (see `pack`). With
+    `padding_free` a batch of padded rows runs as one packed row (`one_row`); with
     `head_on_targets` the LM head runs on the loss-masked tokens' predictors only (`targets_nll`)."""
 
     def __init__(
@@ -190,9 +191,10 @@ class LMObjective:
         loss_mask: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         head_on_targets: bool = False,
+        padding_free: bool = False,
     ):
         self.input_ids, self.attention_mask, self.loss_mask = input_ids, attention_mask, loss_mask * attention_mask
-        self.position_ids, self.head_on_targets = position_ids, head_on_targets
+        self.position_ids, self.head_on_targets, self.padding_free = position_ids, head_on_targets, padding_free
         self.n_examples = len(input_ids)
         self.lengths = attention_mask.sum(1).tolist()  # tokens per row, for length-grouped batches
 
@@ -202,38 +204,51 @@ class LMObjective:
     def loss(self, model, indices: list[int]):
         width = int(self.attention_mask[indices].sum(1).max())  # trim the batch to its longest row
         ids, att, mask = (t[indices, :width] for t in (self.input_ids, self.attention_mask, self.loss_mask))
+        positions = None if self.position_ids is None else self.position_ids[indices, :width]
+        if self.padding_free and positions is None:
+            ids, att, mask, positions = one_row(ids, att, mask)
         if self.head_on_targets:
-            positions = None if self.position_ids is None else self.position_ids[indices, :width]
             return targets_nll(model, ids, att, mask, positions), {}
-        if self.position_ids is None:
+        if positions is None:
             logits = forward(model, ids, att).logits
         else:
-            logits = packed_forward(model, ids, self.position_ids[indices, :width]).logits
+            logits = packed_forward(model, ids, positions).logits
         return masked_lm_loss(logits, ids.to(logits.device), mask.to(logits.device), reduction="sum"), {}
+
+
+def one_row(input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor):
+    """Right-padded rows as one packed row without their padding (a padding-free batch, as
+    transformers' DataCollatorWithFlattening makes it): ids, attention mask, loss mask and position
+    ids restarting with each row, each (1, real tokens). Each row's first token leaves the loss
+    mask, as it is no target in its own row: no row's last token learns to predict the next row."""
+    real = attention_mask.bool()
+    loss_mask = torch.cat([torch.zeros_like(loss_mask[:, :1]), loss_mask[:, 1:]], dim=1)
+    return input_ids[real][None], attention_mask[real][None], loss_mask[real][None], lm.position_ids(attention_mask)[real][None]
 
 
 def lm_objective(
     tokenizer, demos: list[Demonstration], max_length: int, packing: bool = False, chat_template: str | None = None,
-    head_on_targets: bool = False,
+    head_on_targets: bool = False, padding_free: bool = False,
 ) -> LMObjective:
     """The demonstrations tokenised (`tokenize`), truncated to `max_length`, padded or packed."""
     examples = [tokenize(tokenizer, demo, chat_template) for demo in demos]
     examples = [(ids[:max_length], mask[:max_length]) for ids, mask in examples]
     rows = pack(examples, max_length, tokenizer.pad_token_id) if packing else pad(examples, tokenizer.pad_token_id)
-    return LMObjective(*rows, head_on_targets=head_on_targets)
+    return LMObjective(*rows, head_on_targets=head_on_targets, padding_free=padding_free)
 
 
 def train(
     model, tokenizer, demos: list[Demonstration], max_length: int, cfg: TrainerConfig, seed: int,
     log: MetricsLogger = no_logging, checkpoint_dir=None, packing: bool = False, chat_template: str | None = None,
-    head_on_targets: bool = False,
+    head_on_targets: bool = False, padding_free: bool = False,
 ) -> dict:
     """Fine-tune on the demonstrations; returns the last epoch's mean loss and perplexity.
 
     With `packing`, `cfg.batch_size` counts packed rows of `max_length` tokens, not demonstrations.
-    With `head_on_targets` the LM head runs only where the loss needs it (`targets_nll`).
+    With `head_on_targets` the LM head runs only where the loss needs it (`targets_nll`); with
+    `padding_free` each batch runs as one packed row (`one_row`).
     """
-    objective = lm_objective(tokenizer, demos, max_length, packing, chat_template, head_on_targets)
+    objective = lm_objective(tokenizer, demos, max_length, packing, chat_template, head_on_targets, padding_free)
     metrics = train_loop(model, objective, cfg, seed, log, checkpoint_dir, description="sft")
     return {**metrics, "perplexity": math.exp(metrics["loss"])}
 
@@ -248,7 +263,7 @@ def run(cfg: PipelineConfig, model_path: str, data_path: str, out: Path, log: Me
     metrics = train(
         model, tokenizer, demos, min(cfg.base.max_length, lm.context_length(model)), cfg.sft, cfg.seed, log,
         out / "checkpoints", packing=cfg.sft.packing, chat_template=cfg.sft.chat_template,
-        head_on_targets=cfg.sft.head_on_targets,
+        head_on_targets=cfg.sft.head_on_targets, padding_free=cfg.sft.padding_free,
     )
     save_on_main(out, lambda folder: lm.save_policy(model, tokenizer, folder))
     return {**metrics, "demonstrations": len(demos)}
