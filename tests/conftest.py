@@ -21,6 +21,11 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 os.environ["RLHF_CACHE_DIR"] = str(Path(_STATE) / "cache")  # converted GGUF models, once per session
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
+# Stages pick torch's thread count from the cores other processes leave free (components/threads.py),
+# which varies with the load; tests keep torch's default, one thread per core, in this process and
+# every process it starts, so that the runs a test compares compute alike. tests/test_threads.py
+# tests the policy itself.
+os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
 
 import components  # noqa: E402,F401  (offline switches)
 

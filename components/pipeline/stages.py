@@ -21,7 +21,7 @@ from typing import Callable, NamedTuple
 import mlflow
 import torch
 
-from components import labelers, rewards, tasks
+from components import labelers, rewards, tasks, threads
 from components.config import PipelineConfig
 from components.data import validation
 from components.data.records import PreferencePair, Sample
@@ -344,6 +344,7 @@ def run_stage(name: str, cfg: PipelineConfig, root: str | Path, parent_run_id: s
     stage, root = STAGE_BY_NAME[name], str(root)
     if _helper_process():
         _wait_for_every_process()  # the main process has prepared the checkpoint folder
+        threads.use_free_cores(checkpoints(root, name))
         torch.manual_seed(cfg.seed)
         _implementations()[name](cfg, root, no_logging)
         return None
@@ -357,6 +358,7 @@ def run_stage(name: str, cfg: PipelineConfig, root: str | Path, parent_run_id: s
     torch.manual_seed(cfg.seed)
     params = params_of(cfg, name)
     checkpoint_folder = _prepare_checkpoints(root, name, params, inputs)
+    threads.use_free_cores(checkpoint_folder)  # beside other jobs, fewer threads than cores
     _wait_for_every_process()
     with tracking.stage_run(name, params, inputs, root, parent_run_id) as run:
         try:
