@@ -1,11 +1,12 @@
 """`make bench`: our trainers and rollout against TRL's and bare `generate`, one JSON line each.
 
-    python -m benchmarks.run [--repeats N] [--hh-repeats N] [--only sft ... hh_sft ... scaling] [--threads N] [--quick]
+    python -m benchmarks.run [--repeats N] [--hh-repeats N] [--only sft ... hh_sft ... scaling busy] [--threads N] [--quick]
 
 Each line holds name, ours, peer, unit and ratio; a ratio above 1 means ours is better (ours/peer
 for throughput, peer/ours for peak memory). Progress and each run's numbers go to stderr. The
 tiny workload (`sft` ... `rollout`) runs first, then the realistic one (`hh_*`, SmolLM2-135M on
-HH-RLHF), then the scaling table (DPO against sequence length, both models).
+HH-RLHF), then the scaling table (DPO against sequence length, both models), then a demo stage
+beside another job under our thread policy and torch's default (`busy`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import os
 import sys
 from dataclasses import replace
 
-from benchmarks import dpo, measure, reward, rollout, sft
+from benchmarks import busy, dpo, measure, reward, rollout, sft
 from benchmarks.workload import HH, SCALING, Sizes
 
 # benchmark -> (throughput unit, rings): the sides of a ring run together in lockstep; a ring's
@@ -81,7 +82,7 @@ def scaling(sizes: Sizes, lengths: tuple[int, ...], repeats: int) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    names = [*TRAINERS, "rollout", *HH_TRAINERS, "hh_rollout", "scaling"]
+    names = [*TRAINERS, "rollout", *HH_TRAINERS, "hh_rollout", "scaling", "busy"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3, help="lockstep rounds; the median round is reported")
     parser.add_argument("--hh-repeats", type=int, default=1, help="lockstep rounds of the hh and scaling parts")
@@ -109,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
             rows = rollout.compare(name, hh, hh_repeats)
         elif name == "scaling":
             rows = scaling(scaled, lengths, hh_repeats)
+        elif name == "busy":
+            rows = busy.compare()
         elif name in TRAINERS:
             rows = compare_trainers(name, *TRAINERS[name], tiny, repeats)
         else:

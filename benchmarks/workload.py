@@ -100,7 +100,12 @@ SCALING = replace(HH, fill=True, batch_size=1, timed_steps=1)
 # on the realistic workload. They are off by default in the pipeline until the method comparison has
 # been rerun with them. An option that changes which examples a batch holds (group_by_length) also
 # needs `sides.our_batches` to follow it, since TRL is given the examples in our order.
-HH_OPTIONS: dict[str, dict] = {"SFTConfig": {"head_on_targets": True}, "sample": {"engine": "bucketed"}}
+HH_OPTIONS: dict[str, dict] = {
+    "SFTConfig": {"head_on_targets": True, "padding_free": True},
+    "RewardConfig": {"padding_free": True},
+    "DPOConfig": {"padding_free": True},
+    "sample": {"engine": "bucketed"},
+}
 
 
 def ours_options(sizes: Sizes, name: str) -> dict:
