@@ -4,8 +4,8 @@ torch's default, one thread per core, suits a machine of one's own. Beside anoth
 is a trap: an OpenMP operator's threads meet at a barrier after every parallel loop, so when
 another process holds one of the cores, every operator of a step waits for the thread the
 scheduler put aside. A training step of small operators then runs many times slower than on one
-thread (benchmarks/README.md, `busy_*`: about 11x slower on 2 cores beside one other torch job,
-where one thread is 1.6x slower than two alone).
+thread (benchmarks/README.md, `busy_*`: on 2 cores beside one other torch job, a small GPT-2's
+training loop ran 4.3x slower with two threads, 1.6x with one; alone, one thread is 1.5x slower).
 
 So a stage counts the cores busy with other work when it starts and computes on the rest (at
 least one). `OMP_NUM_THREADS`, when set, is the user's choice and is kept. A resumed stage uses
