@@ -31,7 +31,7 @@ def ours(sizes):
     def job(clock):
         sft.train(
             model, work.tokenizer, work.demonstrations, sizes.max_length, cfg, SEED, sides.ours_clock(clock),
-            head_on_targets=cfg.head_on_targets, padding_free=cfg.padding_free,
+            head_on_targets=cfg.head_on_targets,
         )
 
     return job, _tokens_per_step(work, sizes)

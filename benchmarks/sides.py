@@ -63,6 +63,7 @@ def ours_config(config_class, sizes: Sizes, **fields):
         mixed_precision="no",
         checkpoint_every=0,
         log_every=1,
+        group_by_length=False,  # the same batches as TRL's: `our_batches`, in order
         **fields,
     )
 

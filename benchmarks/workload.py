@@ -96,10 +96,11 @@ HH = Sizes(
 SCALING = replace(HH, fill=True, batch_size=1, timed_steps=1)
 
 # Options of our trainers and sampler switched on for every run on HH data (hh lines and scaling),
-# by the config class (or "sample" for `lm.sample`) they go to: the one place to try a speed option
-# on the realistic workload. They are off by default in the pipeline until the method comparison has
-# been rerun with them. An option that changes which examples a batch holds (group_by_length) also
-# needs `sides.our_batches` to follow it, since TRL is given the examples in our order.
+# by the config class (or "sample" for `lm.sample`, whose own default is `generate`) they go to: the
+# one place to try a speed option on the realistic workload. padding_free is off by default in the
+# pipeline (see TrainerConfig.padding_free). group_by_length, on by default, is off here for both
+# sides: it changes which examples a batch holds, which `sides.our_batches` would have to follow,
+# since TRL is given the examples in our order.
 HH_OPTIONS: dict[str, dict] = {
     "SFTConfig": {"head_on_targets": True, "padding_free": True},
     "RewardConfig": {"padding_free": True},

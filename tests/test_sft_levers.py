@@ -124,10 +124,10 @@ def test_sft_train_with_a_lever_ends_at_the_same_loss_and_weights(reviews, token
         for module in model.modules():  # no dropout: a padding-free batch's other shapes draw other masks
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-        cfg = SFTConfig(epochs=2, batch_size=4, lr=3e-3, checkpoint_every=0, mixed_precision="no", **{lever: on})
+        levers = {"head_on_targets": False, "padding_free": False, lever: on}  # only `lever` on
+        cfg = SFTConfig(epochs=2, batch_size=4, lr=3e-3, checkpoint_every=0, mixed_precision="no", **levers)
         metrics = sft.train(
-            model, tokenizer, examples, MAX_LENGTH, cfg, seed=0, packing=packing, head_on_targets=cfg.head_on_targets,
-            padding_free=cfg.padding_free,
+            model, tokenizer, examples, MAX_LENGTH, cfg, seed=0, packing=packing, head_on_targets=cfg.head_on_targets
         )
         assert bool(calls) == on  # the switch reaches the objective
         results[on] = metrics["loss"], dict(model.named_parameters())

@@ -126,7 +126,7 @@ def supervised_fine_tune(cfg: PipelineConfig, root: str, log) -> Outcome:
     metrics = sft.train(
         model, tokenizer, demos, min(cfg.base.max_length, lm.context_length(model)), cfg.sft, cfg.seed, log,
         checkpoints(root, "sft"), packing=cfg.sft.packing, chat_template=cfg.sft.chat_template,
-        head_on_targets=cfg.sft.head_on_targets, padding_free=cfg.sft.padding_free,
+        head_on_targets=cfg.sft.head_on_targets,
     )
     metrics.update({"demonstrations": len(demos), **{f"dropped_{k}": v for k, v in dropped.items()}})
     if _helper_process():

@@ -240,15 +240,15 @@ def lm_objective(
 def train(
     model, tokenizer, demos: list[Demonstration], max_length: int, cfg: TrainerConfig, seed: int,
     log: MetricsLogger = no_logging, checkpoint_dir=None, packing: bool = False, chat_template: str | None = None,
-    head_on_targets: bool = False, padding_free: bool = False,
+    head_on_targets: bool = False,
 ) -> dict:
     """Fine-tune on the demonstrations; returns the last epoch's mean loss and perplexity.
 
     With `packing`, `cfg.batch_size` counts packed rows of `max_length` tokens, not demonstrations.
     With `head_on_targets` the LM head runs only where the loss needs it (`targets_nll`); with
-    `padding_free` each batch runs as one packed row (`one_row`).
+    `cfg.padding_free` each batch runs as one packed row (`one_row`).
     """
-    objective = lm_objective(tokenizer, demos, max_length, packing, chat_template, head_on_targets, padding_free)
+    objective = lm_objective(tokenizer, demos, max_length, packing, chat_template, head_on_targets, cfg.padding_free)
     metrics = train_loop(model, objective, cfg, seed, log, checkpoint_dir, description="sft")
     return {**metrics, "perplexity": math.exp(metrics["loss"])}
 
@@ -263,7 +263,7 @@ def run(cfg: PipelineConfig, model_path: str, data_path: str, out: Path, log: Me
     metrics = train(
         model, tokenizer, demos, min(cfg.base.max_length, lm.context_length(model)), cfg.sft, cfg.seed, log,
         out / "checkpoints", packing=cfg.sft.packing, chat_template=cfg.sft.chat_template,
-        head_on_targets=cfg.sft.head_on_targets, padding_free=cfg.sft.padding_free,
+        head_on_targets=cfg.sft.head_on_targets,
     )
     save_on_main(out, lambda folder: lm.save_policy(model, tokenizer, folder))
     return {**metrics, "demonstrations": len(demos)}
