@@ -52,6 +52,9 @@ def build_model(tokenizer: PreTrainedTokenizerFast, n_layer: int, n_head: int, n
         n_layer=n_layer,
         n_head=n_head,
         n_embd=n_embd,
+        # GPT-2's tanh-approximated GELU in one fused kernel: the same function as its default
+        # "gelu_new", which composes it from five elementwise ops (10-20% of a small model's step)
+        activation_function="gelu_pytorch_tanh",
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
