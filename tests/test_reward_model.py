@@ -222,10 +222,21 @@ def test_train_saves_reward_statistics(gpt2_reward, tmp_path, loss):
     model.save_pretrained(tmp_path / "rm")
     saved = reward_model.load(tmp_path / "rm")
     assert saved.config.reward_std > 0
-    rewards = reward_model.score_texts(saved, tokenizer, [p.prompt for p in pairs] * 2,
-                                       [p.chosen for p in pairs] + [p.rejected for p in pairs])
+    texts = sorted({(p.prompt, response) for p in pairs for response in (p.chosen, p.rejected)})  # each once
+    rewards = torch.stack([reward_model.score_texts(saved, tokenizer, [prompt], [response])[0] for prompt, response in texts])
     assert saved.config.reward_mean == pytest.approx(float(rewards.mean()), abs=1e-5)
+    assert saved.config.reward_std == pytest.approx(float(rewards.std()), abs=1e-5)
     assert 0.0 <= reward_model.accuracy(saved, tokenizer, pairs) <= 1.0
+
+
+def test_score_texts_gives_each_text_its_own_reward_in_the_order_given(gpt2_reward):
+    """Batched by length (other texts, other padding), each reward is the text's reward alone."""
+    model, tokenizer = gpt2_reward
+    prompts = [p.prompt for p in PAIRS] * 2
+    responses = [p.chosen for p in PAIRS] + [p.rejected for p in PAIRS]
+    batched = reward_model.score_texts(model, tokenizer, prompts, responses, batch_size=2)
+    alone = torch.cat([reward_model.score_texts(model, tokenizer, [p], [r]) for p, r in zip(prompts, responses)])
+    torch.testing.assert_close(batched, alone, rtol=0, atol=1e-5)
 
 
 # ------------------------------------------------------------------- MiniLM on real HH

@@ -199,13 +199,18 @@ def normalised_scores(model, batch: Rollout) -> torch.Tensor:
 
 
 def score_texts(model, tokenizer, prompts: list[str], responses: list[str], batch_size: int = 64) -> torch.Tensor:
-    """Raw rewards of complete responses."""
+    """Raw rewards of complete responses, in their order; scored in batches of texts of similar
+    length, so that a batch is padded to little more than its own texts."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(responses[i]))
     out = []
     with torch.no_grad():
-        for start in range(0, len(prompts), batch_size):
-            batch = encode(tokenizer, prompts[start : start + batch_size], responses[start : start + batch_size])
-            out.append(rewards_of(model, *batch))
-    return torch.cat(out) if out else torch.zeros(0)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            out.append(rewards_of(model, *encode(tokenizer, [prompts[i] for i in chunk], [responses[i] for i in chunk])))
+    if not out:
+        return torch.zeros(0)
+    scores = torch.cat(out)  # scores[k] is the reward of text order[k]
+    return scores[torch.argsort(torch.tensor(order, device=scores.device))]
 
 
 def _pair_rewards(
@@ -329,16 +334,16 @@ def train(
     checkpoint_dir=None,
 ) -> dict:
     """Fit the reward model with `cfg.loss` (`cfg.use_margin` applies to bradley_terry, the pairwise
-    loss); stores reward_mean / reward_std of the training responses in its config."""
+    loss); stores reward_mean / reward_std of the distinct training responses in its config."""
     if cfg.loss == "bradley_terry":
         # padding_free matters only with prefix_sharing: unshared, the 2B rows are padded as always
         objective = PairwiseObjective(tokenizer, pairs, cfg.use_margin, cfg.prefix_sharing, cfg.padding_free)
     else:
         objective = RankingObjective(tokenizer, rankings(pairs), PROMPT_LOSSES[cfg.loss])
     metrics = train_loop(model, objective, cfg, seed, log, checkpoint_dir, "reward")
-    rewards = score_texts(
-        model, tokenizer, [p.prompt for p in pairs] * 2, [p.chosen for p in pairs] + [p.rejected for p in pairs]
-    )
+    # each response once: of K completions per prompt, each is in K - 1 pairs
+    texts = list(dict.fromkeys((p.prompt, response) for p in pairs for response in (p.chosen, p.rejected)))
+    rewards = score_texts(model, tokenizer, [prompt for prompt, _ in texts], [response for _, response in texts])
     model.config.reward_mean = float(rewards.mean())
     model.config.reward_std = float(rewards.std().clamp(min=1e-6))
     return metrics
