@@ -374,15 +374,18 @@ def main(argv: list[str] | None = None) -> int:
             for key, value in result.metrics.items():
                 print(f"{key}: {value:.4f}")
             return 0
+        from flows.pipeline import format_table, rlhf_pipeline, up_to_date
         from flows.server import crash_stale_runs, local_api
 
-        with local_api():
-            crash_stale_runs(root)
-            if args.command == "compare":
-                return _compare(args, cfg, root)
-            from flows.pipeline import format_table, rlhf_pipeline
-
-            outcome = rlhf_pipeline(config=cfg, root=str(root))
+        outcome = up_to_date(cfg, root) if args.command == "run" else None
+        if outcome:  # like `dvc repro` on an unchanged pipeline: no Prefect server, no flow run
+            print("Every stage is up to date for this configuration and its policy is registered: nothing ran.")
+        else:
+            with local_api():
+                crash_stale_runs(root)
+                if args.command == "compare":
+                    return _compare(args, cfg, root)
+                outcome = rlhf_pipeline(config=cfg, root=str(root))
         print(f"\nRLHF pipeline summary ({cfg.rl.algorithm} policy vs SFT on held-out prompts)")
         print(format_table(outcome["summary"]))
         return 0

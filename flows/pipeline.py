@@ -21,6 +21,7 @@ from prefect.artifacts import create_progress_artifact, create_table_artifact, u
 from components.pipeline import tracking, versioning
 from components.config import PipelineConfig, override, project_config
 from components.pipeline.layout import STAGES, StageResult
+from components.pipeline.promotion import standing
 from flows.gpu import GPU_STAGES, run_on_pool
 from flows.judging import export_judge_key
 from flows.server import project_run
@@ -55,16 +56,34 @@ def where_to_watch(tracking_uri: str, experiment: str, run_id: str) -> str:
     return f"Prefect: {prefect_url} | MLflow: {mlflow_url}"
 
 
-def fully_cached(config: PipelineConfig, root: str) -> bool:
-    """Whether every stage would reuse its cached result (tasks/stages.py `cached_result`)."""
+def cached_results(config: PipelineConfig, root: str) -> dict[str, StageResult] | None:
+    """Every stage's result when each would reuse its cached one (tasks/stages.py
+    `cached_result`), else None."""
     found: dict[str, StageResult] = {}
     for stage in STAGES:
         upstream = [found[s.name] for s in STAGES if set(s.outs + s.metrics) & set(stage.deps)]
         result = cached_result(stage.name, config, root, upstream)
         if result is None:
-            return False
+            return None
         found[stage.name] = result
-    return True
+    return found
+
+
+def up_to_date(config: PipelineConfig, root: str) -> dict | None:
+    """The flow's outcome for a project it would not change, found without running it (no Prefect
+    flow run, no MLflow run): every stage cached for `config` and its policy registered under
+    `config`. The summary is the cached evaluation's and the policy's standing in the registry now;
+    dvc.lock is made to record `config`, as the flow does. None when the flow has work to do."""
+    root = str(Path(root).resolve())
+    results = cached_results(config, root)
+    if results is None:
+        return None
+    promotion = standing(config, results["rl"].outputs["policy"].md5)
+    if promotion is None:  # e.g. only compared so far (promote=False): the flow registers it
+        return None
+    metrics = results["evaluate"].metrics
+    versioning.record(root, config)
+    return {"metrics": metrics, "promotion": promotion, "parent_run_id": None, "summary": summary_rows(metrics, promotion)}
 
 
 class NoParentRun:
@@ -99,7 +118,7 @@ def _run_pipeline(config: PipelineConfig, root: str, promote: bool, overrides: l
     root = str(Path(root).resolve())
     uri = tracking.configure(root, config.experiment)
     name = f"{config.rl.algorithm}-{datetime.now(timezone.utc):%Y-%m-%d-%H%M%S}"
-    if fully_cached(config, root):  # nothing will run: no parent run to add to MLflow
+    if cached_results(config, root) is not None:  # nothing will run: no parent run to add to MLflow
         pipeline = NoParentRun()
         logger.info("every stage is cached for this configuration: no new MLflow run")
     else:

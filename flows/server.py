@@ -22,7 +22,6 @@ import prefect
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import StateType
-from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
 from prefect.states import Crashed
 
@@ -35,22 +34,27 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-class _BoundServer(SubprocessASGIServer):
-    """Prefect's ephemeral server process, stopped by the kernel when its parent dies."""
+def _bound_server():
+    """Prefect's ephemeral server process, stopped by the kernel when its parent dies. Its module
+    (the API's routes) is imported here, when a server starts: it takes seconds to import."""
+    from prefect.server.api.server import SubprocessASGIServer
 
-    _instances: dict = {}  # not Prefect's own registry of servers by port
+    class BoundServer(SubprocessASGIServer):
+        _instances: dict = {}  # not Prefect's own registry of servers by port
 
-    def _run_uvicorn_command(self) -> subprocess.Popen:
-        return subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "error", "--lifespan", "on"],
-            env={
-                **os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
-                **get_current_settings().to_environment_variables(exclude_unset=True),
-            },
-            preexec_fn=_die_with_parent,
-        )
+        def _run_uvicorn_command(self) -> subprocess.Popen:
+            return subprocess.Popen(
+                [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--log-level", "error", "--lifespan", "on"],
+                env={
+                    **os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                    "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True),
+                },
+                preexec_fn=_die_with_parent,
+            )
+
+    return BoundServer()
 
 
 @contextlib.contextmanager
@@ -59,7 +63,7 @@ def local_api():
     if PREFECT_API_URL.value():
         yield
         return
-    server = _BoundServer()
+    server = _bound_server()
     try:
         server.start()
         with temporary_settings({PREFECT_API_URL: server.api_url}):

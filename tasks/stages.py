@@ -18,6 +18,7 @@ from prefect.artifacts import create_markdown_artifact, create_progress_artifact
 from prefect.cache_policies import INPUTS, CachePolicy
 from prefect.filesystems import LocalFileSystem
 from prefect.results import ResultStore, get_default_result_storage
+from prefect.settings import get_current_settings
 from prefect.utilities.hashing import hash_objects
 
 from components import progress
@@ -103,11 +104,22 @@ def transient(task, task_run, state) -> bool:
     return True
 
 
+def _result_storage():
+    """Where Prefect keeps the stage results. Without a configured API, Prefect would start the
+    project's temporary server only to hear that it sets no default storage (none is set there),
+    so this takes Prefect's fallback, the local storage path, at once. A result missed by asking
+    the wrong place only means that the flow runs and finds it."""
+    settings = get_current_settings()
+    if not settings.api.url and settings.results.default_storage_block is None:
+        return LocalFileSystem(basepath=str(settings.results.local_storage_path))
+    return get_default_result_storage(_sync=True)
+
+
 def cached_result(name: str, cfg: PipelineConfig, root: str, upstream: list[StageResult]) -> StageResult | None:
     """The result that `run` would reuse for stage `name` (cached under the same key, written by
     us, its outputs intact), or None when the stage would run. Looked up without running anything."""
     key = StageInputs().compute_key(None, {"name": name, "cfg": cfg, "root": root, "upstream": upstream}, {})
-    storage = get_default_result_storage(_sync=True)
+    storage = _result_storage()
     if not isinstance(storage, LocalFileSystem):
         return None
     record = Path(storage.basepath).expanduser() / key

@@ -128,6 +128,43 @@ def test_policy_is_registered_and_champion_loads_and_generates(pipeline_run):
     assert isinstance(generated[0], str) and len(generated[0]) > 0
 
 
+def test_rlhf_run_on_an_up_to_date_project_reports_without_a_flow_run(pipeline_run, tmp_path, capsys):
+    """`rlhf run` where every stage is cached for the configuration and its policy is registered:
+    the same summary, read from the stage cache and the registry; no Prefect flow run, no MLflow
+    run, no new version. After a rollback it says the policy is no longer champion."""
+    from prefect import get_client
+
+    from components.pipeline import promotion
+    from flows.cli import main
+    from flows.pipeline import format_table, up_to_date
+
+    root, cfg, first = pipeline_run
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    with get_client(sync_client=True) as client:
+        flow_runs = len(client.read_flow_runs())
+    mlflow_runs = len(_runs(root, ViewType.ALL))
+    capsys.readouterr()
+    assert main(["run", "--root", str(root), "--config", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "nothing ran" in out and format_table(first["summary"]) in out
+    with get_client(sync_client=True) as client:
+        assert len(client.read_flow_runs()) == flow_runs
+    assert len(_runs(root, ViewType.ALL)) == mlflow_runs
+
+    client = MlflowClient(registry_uri=f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+    name = cfg.promotion.model_name
+    client.delete_registered_model_alias(name, promotion.CHAMPION)  # as if another version took over
+    try:
+        outcome = up_to_date(cfg, str(root))
+        assert outcome["promotion"]["version"] == first["promotion"]["version"]
+        assert outcome["promotion"]["champion"] is False and "the champion is now none" in outcome["promotion"]["reasons"][0]
+    finally:
+        client.set_registered_model_alias(name, promotion.CHAMPION, str(first["promotion"]["version"]))
+    changed = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"n_prompts": 10})})
+    assert up_to_date(changed, str(root)) is None  # the evaluation would run again
+
+
 def test_rerun_skips_every_unchanged_stage(pipeline_run):
     from flows.pipeline import rlhf_pipeline
 

@@ -36,10 +36,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import great_expectations as gx
-import great_expectations.expectations as gxe
 import pandas as pd
-from great_expectations.data_context.types.base import ProgressBarsConfig
+
+# Great Expectations is imported where a suite is built or run, not here: its import takes seconds
+# that every command importing the labelers (an up-to-date `rlhf run` among them) would pay.
 
 PREFERENCE_COLUMNS = ("pair_id", "prompt", "chosen", "rejected", "annotator", "source")
 TEXT_COLUMNS = ("prompt", "chosen", "rejected")
@@ -95,6 +95,8 @@ class ValidationReport:
 def _preference_expectations(
     columns: set[str], mostly: float, max_chars: int, max_tokens: int | None
 ) -> list[gxe.Expectation]:
+    import great_expectations.expectations as gxe
+
     suite: list[gxe.Expectation] = [gxe.ExpectTableRowCountToBeBetween(min_value=1)]
     suite += [gxe.ExpectColumnToExist(column=column) for column in PREFERENCE_COLUMNS]
     # A check on a missing column would only repeat the missing-column failure, so it is skipped
@@ -151,6 +153,9 @@ def _failure(result: Any, max_chars: int) -> Failure:
 
 
 def _context(docs_dir: Path | None) -> Any:
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
     if docs_dir is None:
         context = gx.get_context(mode="ephemeral")
     else:
@@ -183,6 +188,8 @@ def _validate(
     source: str,
     docs_dir: str | Path | None,
 ) -> ValidationReport:
+    import great_expectations as gx
+
     context = _context(None if docs_dir is None else Path(docs_dir).resolve())
     batch_definition = (
         context.data_sources.add_or_update_pandas(name)
@@ -241,6 +248,8 @@ def validate_labels(
             raise ValueError(f"validate_labels needs column '{column}'")
     frame[DUPLICATES] = ~frame.duplicated(list(LABEL_COLUMNS))
     frame[CONTRADICTIONS] = frame.groupby("item")["label"].transform("nunique") <= 1
+    import great_expectations.expectations as gxe
+
     expectations: list[gxe.Expectation] = [gxe.ExpectTableRowCountToBeBetween(min_value=1)]
     expectations += [
         gxe.ExpectColumnValuesToBeInSet(column=column, value_set=[True], mostly=mostly)

@@ -161,6 +161,28 @@ def promote(model_uri: str, metrics: dict[str, float], cfg, root: str | Path, li
     return _settle(cfg, root, version, model_uri, metrics)
 
 
+def standing(cfg, policy_md5: str) -> dict | None:
+    """What `promote` decided for the policy with content hash `policy_md5` registered under the
+    configuration `cfg`, as it stands now (after a rollback or a newer champion, too), in the form
+    `promote` returns; None when no version of `cfg.promotion.model_name` is that policy."""
+    name, client = cfg.promotion.model_name, MlflowClient()
+    config = json.dumps(cfg.model_dump(), sort_keys=True)
+    try:
+        found = client.search_model_versions(f"name='{name}'")
+    except MlflowException:  # no such registered model
+        return None
+    found = [v for v in found if v.tags.get("data.policy.md5") == policy_md5 and v.tags.get("config") == config]
+    if not found:
+        return None
+    registered = max(found, key=lambda v: int(v.version))
+    version, tags = str(registered.version), registered.tags
+    champion = _alias_version(client, name, CHAMPION)
+    reasons = [] if tags.get("gate_reasons", "-") == "-" else tags["gate_reasons"].split("; ")
+    if not reasons and champion != version:
+        reasons = [f"it passed the gate, but the champion is now {f'v{champion}' if champion else 'none'}"]
+    return {"model_name": name, "version": int(version), "champion": champion == version, "reasons": reasons}
+
+
 def promote_version(cfg, root: str | Path, version: str, force: bool = False, reason: str | None = None) -> dict:
     """`rlhf promote VERSION`: crown a registered version past the gate, or with `force` (and a
     reason, recorded as a tag) without it."""
