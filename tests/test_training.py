@@ -78,6 +78,7 @@ class Diverging:
     """An objective whose loss turns NaN at its second optimizer step."""
 
     n_examples = 8
+    lengths = [1] * n_examples
 
     def __init__(self):
         self.calls = 0
