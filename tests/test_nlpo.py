@@ -130,7 +130,8 @@ def test_the_mask_policy_is_refreshed_every_mask_update_every_iterations(
 
 
 def test_train_raises_the_reward_of_the_policy_samples(tiny_policy, tiny_reward, tiny_tokenizer, tiny_prompts):
-    cfg = NLPOConfig(steps=20, batch_size=16, minibatch_size=8, ppo_epochs=2, lr=3e-2, kl_coef=0.01,
+    # lr 3e-2 over 20 steps gained 0.13-1.36 as the calibration draw moved the reward mean by 0.005
+    cfg = NLPOConfig(steps=30, batch_size=16, minibatch_size=8, ppo_epochs=2, lr=1e-2, kl_coef=0.01,
                      missing_eos_penalty=0.0, mask_update_every=2)
     assert METHODS["nlpo"].config is NLPOConfig and METHODS["nlpo"].section == "nlpo"
     policy, reward = tiny_policy(), tiny_reward
@@ -147,7 +148,9 @@ def test_train_raises_the_reward_of_the_policy_samples(tiny_policy, tiny_reward,
     assert [step for step, _ in logged] == list(range(cfg.steps))
     assert all(math.isfinite(v) for _, m in logged for k, v in m.items() if k != "explained_variance")
     assert logged[0][1]["kl"] == 0.0  # the first rollout comes from the reference itself
-    assert end > start + 0.5  # in units of the initial policy's score std (seeds 0-2 gain 0.96-1.18)
+    # in units of the initial policy's score std (seeds 0-2, calibrated on either engine's draws:
+    # gains 0.67-1.07)
+    assert end > start + 0.5
     for n, p in [*run.reference.named_parameters(), *reward.model.named_parameters()]:
         assert torch.equal(p, frozen[n]), n
 

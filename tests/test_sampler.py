@@ -249,9 +249,10 @@ def test_sampling_config_picks_the_engine(setup, monkeypatch):
     calls = []
     engine = sampler.generate
     monkeypatch.setattr(sampler, "generate", lambda *args, **kwargs: calls.append(1) or engine(*args, **kwargs))
-    lm.sample_many(model, tokenizer, prompts[:4], SamplingConfig(max_new_tokens=4, batch_size=2), seed=0)
+    lm.sample_many(model, tokenizer, prompts[:4], SamplingConfig(max_new_tokens=4, batch_size=2, engine="generate"), seed=0)
     assert calls == []
-    bucketed = SamplingConfig(max_new_tokens=4, batch_size=2, engine="bucketed")
+    bucketed = SamplingConfig(max_new_tokens=4, batch_size=2)
+    assert bucketed.engine == "bucketed"  # the default
     lm.sample_many(model, tokenizer, prompts[:4], bucketed, seed=0)
     assert len(calls) == 2
     rollout.generate(model, tokenizer, prompts[:2], 2, bucketed)
