@@ -252,8 +252,9 @@ class RewardConfig(TrainerConfig):
     eval_fraction: float = Field(0.1, gt=0, lt=0.5, description="pairs held out for accuracy")
     loss: Literal["bradley_terry", "ranking", "plackett_luce"] = Field(
         "bradley_terry",
-        description="bradley_terry: independent pairs; ranking: all pairs of a prompt's K completions in one batch "
-        "(InstructGPT); plackett_luce: the likelihood of each prompt's full ranking",
+        description="bradley_terry: independent pairs; ranking: the examples are prompts, all of a prompt's labelled "
+        "pairs in one batch and each completion scored once (InstructGPT); plackett_luce: the likelihood of each "
+        "prompt's ranking (Copeland's, from its pairs)",
     )
     use_margin: bool = Field(False, description="subtract each pair's margin inside the Bradley-Terry loss (Llama 2)")
     prefix_sharing: bool = Field(

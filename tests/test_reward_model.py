@@ -34,14 +34,19 @@ def test_ranking_loss_hand_value_k3():
     # ranking 0 > 1 > 2 with rewards [2.0, 1.0, -0.5]; -log sigmoid(x) = log(1 + e^-x)
     #   (0, 1): x = 1.0 -> 0.3132617;  (0, 2): x = 2.5 -> 0.0788897;  (1, 2): x = 1.5 -> 0.2014133
     # mean over the C(3, 2) = 3 pairs = 0.5935647 / 3 = 0.1978549
-    loss = reward_model.ranking_loss(t([2.0, 1.0, -0.5]), torch.tensor([0, 1, 2]))
+    i = torch.tensor
+    loss = reward_model.ranking_loss(t([2.0, 1.0, -0.5]), i([0, 0, 1]), i([1, 2, 2]))
     assert loss.item() == pytest.approx(0.19785489993, abs=1e-9)
     # the same completions listed in another order
-    loss = reward_model.ranking_loss(t([-0.5, 2.0, 1.0]), torch.tensor([2, 0, 1]))
+    loss = reward_model.ranking_loss(t([-0.5, 2.0, 1.0]), i([1, 1, 2]), i([2, 0, 0]))
     assert loss.item() == pytest.approx(0.19785489993, abs=1e-9)
-    # completions 0 and 1 tied: only (0, 2) and (1, 2) count -> (0.0788897 + 0.2014133) / 2
-    loss = reward_model.ranking_loss(t([2.0, 1.0, -0.5]), torch.tensor([0, 0, 1]))
+    # 0 and 1 unordered: only (0, 2) and (1, 2) count -> (0.0788897 + 0.2014133) / 2
+    loss = reward_model.ranking_loss(t([2.0, 1.0, -0.5]), i([0, 1]), i([2, 2]))
     assert loss.item() == pytest.approx(0.14015150614, abs=1e-9)
+    # a noisy label (2 preferred to 0) counts as labelled: x = -2.5 -> 2.5 + 0.0788897
+    # -> (0.3132617 + 2.5788897 + 0.2014133) / 3 = 1.0311882
+    loss = reward_model.ranking_loss(t([2.0, 1.0, -0.5]), i([0, 2, 1]), i([1, 0, 2]))
+    assert loss.item() == pytest.approx(1.03118823, abs=1e-7)
 
 
 def test_plackett_luce_hand_value_k3():
@@ -63,14 +68,16 @@ def test_k2_ranking_and_plackett_luce_equal_bradley_terry():
         bt = reward_model.bradley_terry_loss(chosen, rejected)
         rewards, ranks = torch.cat([rejected, chosen]), torch.tensor([1, 0])
         assert reward_model.plackett_luce_loss(rewards, ranks).item() == pytest.approx(bt.item(), abs=1e-12)
-        assert reward_model.ranking_loss(rewards, ranks).item() == pytest.approx(bt.item(), abs=1e-12)
+        ranking = reward_model.ranking_loss(rewards, torch.tensor([1]), torch.tensor([0]))
+        assert ranking.item() == pytest.approx(bt.item(), abs=1e-12)
 
 
-@pytest.mark.parametrize("loss", [reward_model.ranking_loss, reward_model.plackett_luce_loss])
-def test_ranking_losses_gradcheck(loss):
+def test_ranking_losses_gradcheck():
     rewards = t([0.3, -1.2, 2.0, 0.7]).requires_grad_()
     ranks = torch.tensor([2, 3, 0, 1])
-    assert torch.autograd.gradcheck(lambda r: loss(r, ranks), (rewards,))
+    better, worse = (ranks.unsqueeze(1) < ranks.unsqueeze(0)).nonzero().unbind(1)  # the C(4, 2) pairs
+    assert torch.autograd.gradcheck(lambda r: reward_model.ranking_loss(r, better, worse), (rewards,))
+    assert torch.autograd.gradcheck(lambda r: reward_model.plackett_luce_loss(r, ranks), (rewards,))
 
 
 # ---------------------------------------------------------------------------- rankings
@@ -94,6 +101,9 @@ def test_rankings_copeland_ties_and_cycles():
     ]
     x, z = reward_model.rankings(pairs)
     assert (x.prompt, dict(zip(x.completions, x.ranks))) == ("x", {"a": 0, "c": 1, "b": 2, "d": 3})
+    # the labelled pairs as given, the one against the Copeland order (c over b) included
+    assert x.completions == ("a", "b", "c", "d")
+    assert list(zip(x.chosen, x.rejected)) == [(0, 1), (0, 2), (1, 3), (2, 3), (2, 1)]
     assert (z.prompt, dict(zip(z.completions, z.ranks))) == ("z", {"a": 0, "b": 1, "c": 0, "d": 1})
 
 
@@ -203,11 +213,40 @@ def test_ranking_objectives_on_single_pairs_equal_bradley_terry(gpt2_reward):
     indices = list(range(len(PAIRS)))
     with torch.no_grad():
         expected, metrics = pairwise.loss(model, indices)
-        for prompt_loss in reward_model.PROMPT_LOSSES.values():
-            objective = reward_model.RankingObjective(tokenizer, ranked, prompt_loss)
+        for plackett_luce in (False, True):
+            objective = reward_model.RankingObjective(tokenizer, ranked, plackett_luce)
             loss, ranked_metrics = objective.loss(model, indices)
             assert loss.item() == pytest.approx(expected.item(), abs=1e-5)
             assert ranked_metrics == metrics
+
+
+def test_ranking_objective_scores_each_completion_once_for_the_pairwise_loss(gpt2_reward):
+    """K = 3 and 4 completions, each in several pairs, scored once (unshared rows): each prompt's
+    term is the Bradley-Terry mean of its pairs, as the pairwise objective computes it (a pair's
+    prefix shared), and so are the gradients."""
+    model, tokenizer = gpt2_reward
+    pairs = [
+        PreferencePair("the film was", " a delight", " dull"), PreferencePair("the film was", " lovely", " dull"),
+        PreferencePair("the film was", " a delight", " lovely"),
+        PreferencePair("i would", " not watch it", " watch it"), PreferencePair("i would", " watch it again", " watch it"),
+        PreferencePair("i would", " watch it", " never"), PreferencePair("i would", " not watch it", " never"),
+        PreferencePair("i would", " never", " watch it again"),  # against the others' order: counts as labelled
+    ]
+    ranked = reward_model.rankings(pairs)
+    assert [len(r.completions) for r in ranked] == [3, 4]
+    pairwise = reward_model.PairwiseObjective(tokenizer, pairs)
+    objective = reward_model.RankingObjective(tokenizer, ranked)
+    expected = pairwise.loss(model, [0, 1, 2])[0] / 3 + pairwise.loss(model, [3, 4, 5, 6, 7])[0] / 5
+    expected.backward()
+    expected_grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+    loss, metrics = objective.loss(model, [0, 1])
+    loss.backward()
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, expected_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    correct = [pairwise.loss(model, [i])[1]["accuracy"] for i in range(len(pairs))]
+    assert metrics["accuracy"] == pytest.approx(sum(correct[:3]) / 3 + sum(correct[3:]) / 5)
 
 
 @pytest.mark.parametrize("loss", ["bradley_terry", "ranking", "plackett_luce"])

@@ -151,6 +151,6 @@ def test_objectives_report_their_examples_token_lengths(tokenizer):
     tokens = dpo.encode_pairs(tokenizer, pairs, 64)
     assert dpo.DPOObjective(tokenizer, pairs, tokens, DPOConfig()).lengths == [e + 2 for e in expected]  # the EOSes
 
-    ranking = reward_model.Ranking("the film", (" was a quiet wonder", " gave it", " had"), (0, 1, 2))
-    objective = reward_model.RankingObjective(tokenizer, [ranking, ranking], reward_model.ranking_loss)
+    ranking = reward_model.Ranking("the film", (" was a quiet wonder", " gave it", " had"), (0, 1, 2), (0, 1), (1, 2))
+    objective = reward_model.RankingObjective(tokenizer, [ranking, ranking])
     assert objective.lengths == [sum(counts(tokenizer, ["the film", *ranking.completions]))] * 2

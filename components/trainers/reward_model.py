@@ -7,13 +7,13 @@ response] for each (see there). Objectives, chosen by `RewardConfig.loss`:
 
 - bradley_terry: independent pairs, optionally with each pair's margin (Llama 2); on a causal
   backbone a pair's shared prefix is computed once (prefix sharing, see `_pair_rewards`);
-- ranking: the examples are prompts; every pair of one prompt's ranked completions is in the same
-  batch, each prompt weighing the same (InstructGPT);
+- ranking: the examples are prompts; all of a prompt's labelled pairs are in the same batch, each
+  prompt weighing the same, and each of its completions is scored once (InstructGPT);
 - plackett_luce: the likelihood of each prompt's whole ranking.
 
-Preference data holds pairs; `rankings` recovers each prompt's ranking from them by Copeland
-score. Normalisation statistics (mean and std of the training rewards) are saved in the model's
-config so that PPO can centre the rewards it optimises.
+Preference data holds pairs; `rankings` groups them by prompt and recovers each prompt's ranking
+by Copeland score. Normalisation statistics (mean and std of the training rewards) are saved in
+the model's config so that PPO can centre the rewards it optimises.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import random
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,11 +42,15 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Ranking:
-    """One prompt's completions and their ranks (0 the best; equal Copeland scores share a rank)."""
+    """One prompt's distinct completions, its labelled pairs over them (completions[chosen[i]] was
+    preferred to completions[rejected[i]]) and the ranks their Copeland scores give (0 the best;
+    equal scores share a rank)."""
 
     prompt: str
     completions: tuple[str, ...]
     ranks: tuple[int, ...]
+    chosen: tuple[int, ...]
+    rejected: tuple[int, ...]
 
 
 # ------------------------------------------------------------------------------------ losses
@@ -66,18 +69,17 @@ def bradley_terry_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     return -F.logsigmoid(diff).mean()
 
 
-def ranking_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
-    """InstructGPT's ranking loss for one prompt (Ouyang et al. 2022, eq. 1).
+def ranking_loss(rewards: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """InstructGPT's reward-model loss for one prompt (Ouyang et al. 2022, eq. 1).
 
-        L = -1 / |P| * sum_{(w, l) in P} log sigmoid(r_w - r_l),   P = {(w, l) : ranks[w] < ranks[l]}
+        L = -1 / |P| * sum_{(w, l) in P} log sigmoid(r_w - r_l)
 
-    `rewards` (K,) of the prompt's completions, `ranks` (K,) with 0 the best. For a strict ranking
-    |P| = C(K, 2): all pairs of the prompt count as one batch element, which InstructGPT found to
-    overfit less than shuffling the correlated pairs into separate examples.
+    over the prompt's labelled pairs P: completion `chosen[i]` preferred to `rejected[i]`, indices
+    into `rewards` (K,). A labeller's ranking of K gives all C(K, 2) pairs. The prompt's pairs count
+    as one batch element, which InstructGPT found to overfit less than shuffling the correlated
+    pairs into separate examples, and a completion is scored once for all of its K - 1 pairs.
     """
-    better = ranks.unsqueeze(1) < ranks.unsqueeze(0)
-    diffs = rewards.unsqueeze(1) - rewards.unsqueeze(0)
-    return -F.logsigmoid(diffs[better]).mean()
+    return bradley_terry_loss(rewards[chosen], rewards[rejected])
 
 
 def plackett_luce_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
@@ -95,24 +97,29 @@ def plackett_luce_loss(rewards: torch.Tensor, ranks: torch.Tensor) -> torch.Tens
 
 
 def rankings(pairs: list[PreferencePair]) -> list[Ranking]:
-    """Each prompt's ranking of its completions, recovered from its pairs by Copeland score
-    (Copeland 1951): wins minus losses over the prompt's pairs, higher ranked better.
+    """Each prompt's pairs over its distinct completions, and the ranking their Copeland scores
+    give (Copeland 1951): wins minus losses over the prompt's pairs, higher ranked better.
 
     Pairs written from a ranking (all K(K-1)/2 of them) give that ranking back; K sampled
     completions with noisy labels can form cycles, whose members tie. A prompt whose completions
     all tie carries no ordering and is left out. Prompts and completions keep their order of
     first appearance.
     """
-    copeland: dict[str, dict[str, int]] = {}
+    groups: dict[str, tuple[dict[str, int], list[int], list[int]]] = {}
     for pair in pairs:
-        score = copeland.setdefault(pair.prompt, {})
-        score[pair.chosen] = score.get(pair.chosen, 0) + 1
-        score[pair.rejected] = score.get(pair.rejected, 0) - 1
+        index, chosen, rejected = groups.setdefault(pair.prompt, ({}, [], []))
+        chosen.append(index.setdefault(pair.chosen, len(index)))
+        rejected.append(index.setdefault(pair.rejected, len(index)))
     out = []
-    for prompt, score in copeland.items():
-        levels = sorted(set(score.values()), reverse=True)
+    for prompt, (index, chosen, rejected) in groups.items():
+        score = [0] * len(index)
+        for winner, loser in zip(chosen, rejected):
+            score[winner] += 1
+            score[loser] -= 1
+        levels = sorted(set(score), reverse=True)
         if len(levels) > 1:
-            out.append(Ranking(prompt, tuple(score), tuple(levels.index(s) for s in score.values())))
+            ranks = tuple(levels.index(s) for s in score)
+            out.append(Ranking(prompt, tuple(index), ranks, tuple(chosen), tuple(rejected)))
     return out
 
 
@@ -292,15 +299,16 @@ class PairwiseObjective:
 
 
 class RankingObjective:
-    """A per-prompt loss over each prompt's ranked completions (`ranking_loss` or
-    `plackett_luce_loss`), all of a prompt's completions in one forward pass; reports, per prompt,
-    the share of its rank-ordered pairs that the rewards order the same way."""
+    """A per-prompt loss, `ranking_loss` over the prompt's labelled pairs or `plackett_luce_loss`
+    of its ranking, all of a prompt's completions in one forward pass, each once; reports, per
+    prompt, the share of its labelled pairs that the rewards order the same way."""
 
     def __init__(
-        self, tokenizer, rankings: list[Ranking], prompt_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+        self, tokenizer, rankings: list[Ranking], plackett_luce: bool = False, prefix_sharing: bool = True,
+        padding_free: bool = False,
     ):
-        self.tokenizer, self.rankings, self.prompt_loss = tokenizer, rankings, prompt_loss
-        self.n_examples = len(rankings)
+        self.tokenizer, self.rankings, self.plackett_luce = tokenizer, rankings, plackett_luce
+        self.prefix_sharing, self.padding_free, self.n_examples = prefix_sharing, padding_free, len(rankings)
 
     @cached_property
     def lengths(self) -> list[int]:
@@ -314,19 +322,23 @@ class RankingObjective:
 
     def loss(self, model, indices: list[int]):
         batch = [self.rankings[i] for i in indices]
-        prompts = [r.prompt for r in batch for _ in r.completions]
-        responses = [c for r in batch for c in r.completions]
-        rewards = rewards_of(model, *encode(self.tokenizer, prompts, responses))
+        if all(len(r.completions) == 2 for r in batch):  # pairs (ingested sets): prefix sharing pays
+            pairs = [PreferencePair(r.prompt, *r.completions) for r in batch]
+            first, second = _pair_rewards(model, self.tokenizer, pairs, self.prefix_sharing, self.padding_free)
+            rewards = torch.stack([first, second], dim=1).flatten()
+        else:
+            prompts = [r.prompt for r in batch for _ in r.completions]
+            responses = [c for r in batch for c in r.completions]
+            rewards = rewards_of(model, *encode(self.tokenizer, prompts, responses))
         loss, correct = rewards.new_zeros(()), 0.0
         for ranking, r in zip(batch, rewards.split([len(b.completions) for b in batch])):
-            ranks = torch.tensor(ranking.ranks, device=r.device)
-            loss = loss + self.prompt_loss(r, ranks)
-            better = ranks.unsqueeze(1) < ranks.unsqueeze(0)
-            correct += float(((r.unsqueeze(1) - r.unsqueeze(0))[better] > 0).float().mean())
+            chosen, rejected = (torch.tensor(i, device=r.device) for i in (ranking.chosen, ranking.rejected))
+            if self.plackett_luce:
+                loss = loss + plackett_luce_loss(r, torch.tensor(ranking.ranks, device=r.device))
+            else:
+                loss = loss + ranking_loss(r, chosen, rejected)
+            correct += float((r[chosen] > r[rejected]).float().mean())
         return loss, {"accuracy": correct}
-
-
-PROMPT_LOSSES = {"ranking": ranking_loss, "plackett_luce": plackett_luce_loss}
 
 
 def train(
@@ -339,7 +351,9 @@ def train(
         # padding_free matters only with prefix_sharing: unshared, the 2B rows are padded as always
         objective = PairwiseObjective(tokenizer, pairs, cfg.use_margin, cfg.prefix_sharing, cfg.padding_free)
     else:
-        objective = RankingObjective(tokenizer, rankings(pairs), PROMPT_LOSSES[cfg.loss])
+        objective = RankingObjective(
+            tokenizer, rankings(pairs), cfg.loss == "plackett_luce", cfg.prefix_sharing, cfg.padding_free
+        )
     metrics = train_loop(model, objective, cfg, seed, log, checkpoint_dir, "reward")
     # each response once: of K completions per prompt, each is in K - 1 pairs
     texts = list(dict.fromkeys((p.prompt, response) for p in pairs for response in (p.chosen, p.rejected)))
