@@ -364,7 +364,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as error:
         return _fail("output", error)
+    server = None
     try:
+        if args.command in ("run", "compare"):  # it boots while the stages are imported and checked
+            from flows.server import start_server
+
+            server = start_server()
         tracking.configure(root, cfg.experiment)
         tracking.fail_stale_runs(root, cfg.experiment)
         if args.command == "stage":
@@ -378,10 +383,10 @@ def main(argv: list[str] | None = None) -> int:
         from flows.server import crash_stale_runs, local_api
 
         outcome = up_to_date(cfg, root) if args.command == "run" else None
-        if outcome:  # like `dvc repro` on an unchanged pipeline: no Prefect server, no flow run
+        if outcome:  # like `dvc repro` on an unchanged pipeline: no flow run
             print("Every stage is up to date for this configuration and its policy is registered: nothing ran.")
         else:
-            with local_api():
+            with local_api(server):
                 crash_stale_runs(root)
                 if args.command == "compare":
                     return _compare(args, cfg, root)
@@ -397,6 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:  # an unwritable or full project folder
         return _fail("output", error)
     finally:
+        if server is not None:
+            server.stop()
         held.release()
 
 

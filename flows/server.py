@@ -1,9 +1,11 @@
 """The Prefect API of one `rlhf run` or `rlhf compare`, and what a killed run left behind.
 
-Without `PREFECT_API_URL` Prefect starts an ephemeral API server as a child process, which
-outlives its parent when that is killed (kill -9 gives it no chance to stop it). `local_api`
-starts that server itself, the same way, but asks the kernel to stop it when its parent dies
-(Linux: PR_SET_PDEATHSIG). Then `crash_stale_runs` marks CRASHED the flow runs of the project
+Without `PREFECT_API_URL` Prefect would start its ephemeral API server as a child process, which
+outlives its parent when that is killed (kill -9 gives it no chance to stop it), and only when the
+flow starts. `LocalServer` starts the same server, the same way, as soon as a command knows it
+needs one, so that it boots (10-15 s) while the command imports its stages and checks its project,
+and asks the kernel to stop it when its parent dies (Linux: PR_SET_PDEATHSIG); `local_api` waits
+for it and points Prefect at it. Then `crash_stale_runs` marks CRASHED the flow runs of the project
 that a killed process left RUNNING (call it holding the project lock: none of them is live).
 `project_run` is what the pipeline flow holds while it runs, however it was started.
 """
@@ -14,19 +16,25 @@ import contextlib
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import prefect
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
 from prefect.client.schemas.objects import StateType
-from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+from prefect.settings import (
+    PREFECT_API_URL, PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, get_current_settings, temporary_settings,
+)
 from prefect.states import Crashed
 
 PR_SET_PDEATHSIG = 1
 UNFINISHED = [StateType.RUNNING, StateType.PENDING, StateType.PAUSED, StateType.CANCELLING]
+PORT_IN_USE = 3  # uvicorn's exit code when another process took the port first
 
 
 def _die_with_parent() -> None:
@@ -34,38 +42,73 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _bound_server():
-    """Prefect's ephemeral server process, stopped by the kernel when its parent dies. Its module
-    (the API's routes) is imported here, when a server starts: it takes seconds to import."""
-    from prefect.server.api.server import SubprocessASGIServer
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
-    class BoundServer(SubprocessASGIServer):
-        _instances: dict = {}  # not Prefect's own registry of servers by port
 
-        def _run_uvicorn_command(self) -> subprocess.Popen:
-            return subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
-                 "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-                 "--log-level", "error", "--lifespan", "on"],
-                env={
-                    **os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
-                    "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True),
-                },
-                preexec_fn=_die_with_parent,
-            )
+class LocalServer:
+    """Prefect's ephemeral API server as Prefect's SubprocessASGIServer runs it (uvicorn on the
+    API's app factory, UI off, this process's settings), started at construction without waiting;
+    `wait` returns once it answers. Its module is not imported here: it takes seconds."""
 
-    return BoundServer()
+    def __init__(self):
+        self._launch()
+
+    def _launch(self) -> None:
+        self.port = _free_port()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+             "--log-level", "error", "--lifespan", "on"],
+            env={
+                **os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True),
+            },
+            preexec_fn=_die_with_parent,
+        )
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def wait(self) -> None:
+        timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        deadline = time.monotonic() + timeout
+        with httpx.Client() as client:
+            while time.monotonic() < deadline:
+                if self.process.poll() == PORT_IN_USE:
+                    self._launch()
+                elif self.process.poll() is not None:
+                    raise RuntimeError(f"the Prefect API server exited with code {self.process.returncode}")
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get(f"{self.api_url}/health").status_code == 200:
+                        return
+                time.sleep(0.1)
+        raise RuntimeError(f"the Prefect API server did not answer within {timeout} s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def start_server() -> LocalServer | None:
+    """A LocalServer for a command that runs flows, unless a Prefect API is configured."""
+    return None if PREFECT_API_URL.value() else LocalServer()
 
 
 @contextlib.contextmanager
-def local_api():
-    """The configured Prefect API, or a bound ephemeral server for the duration of the block."""
-    if PREFECT_API_URL.value():
+def local_api(server: LocalServer | None):
+    """The configured Prefect API, or `server` once it answers, for the duration of the block."""
+    if server is None:
         yield
         return
-    server = _bound_server()
+    server.wait()
     try:
-        server.start()
         with temporary_settings({PREFECT_API_URL: server.api_url}):
             yield
     finally:
@@ -73,7 +116,6 @@ def local_api():
             from prefect.logging.handlers import APILogWorker
 
             APILogWorker.drain_all(timeout=5)
-        server.stop()
 
 
 def crash_stale_runs(root: str | Path, keep: set[str] = frozenset()) -> int:
