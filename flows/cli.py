@@ -366,10 +366,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fail("output", error)
     server = None
     try:
-        if args.command in ("run", "compare"):  # it boots while the stages are imported and checked
-            from flows.server import start_server
+        if args.command in ("run", "compare"):
+            from flows.server import crash_stale_runs, local_api, start_server
 
-            server = start_server()
+            # Prefect's server boots while the stages are imported and checked, unless the run may
+            # need none: a project with a policy may be up to date
+            if args.command == "compare" or not (root / PATHS["policy"]).exists():
+                server = start_server()
         tracking.configure(root, cfg.experiment)
         tracking.fail_stale_runs(root, cfg.experiment)
         if args.command == "stage":
@@ -380,12 +383,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{key}: {value:.4f}")
             return 0
         from flows.pipeline import format_table, rlhf_pipeline, up_to_date
-        from flows.server import crash_stale_runs, local_api
 
         outcome = up_to_date(cfg, root) if args.command == "run" else None
         if outcome:  # like `dvc repro` on an unchanged pipeline: no flow run
             print("Every stage is up to date for this configuration and its policy is registered: nothing ran.")
         else:
+            server = server or start_server()
             with local_api(server):
                 crash_stale_runs(root)
                 if args.command == "compare":
