@@ -78,10 +78,11 @@ class LocalServer:
         deadline = time.monotonic() + timeout
         with httpx.Client() as client:
             while time.monotonic() < deadline:
-                if self.process.poll() == PORT_IN_USE:
+                exit_code = self.process.poll()
+                if exit_code == PORT_IN_USE:
                     self._launch()
-                elif self.process.poll() is not None:
-                    raise RuntimeError(f"the Prefect API server exited with code {self.process.returncode}")
+                elif exit_code is not None:
+                    raise RuntimeError(f"the Prefect API server exited with code {exit_code}")
                 with contextlib.suppress(httpx.TransportError):
                     if client.get(f"{self.api_url}/health").status_code == 200:
                         return
