@@ -105,6 +105,29 @@ def deploy(repo: Path, state: Path, env: dict) -> str:
     return f"deployments: deployed prefect.yaml (schedule '{schedule}' UTC)"
 
 
+def process_pool(pool: str, api_url: str) -> str:
+    """Create the work pool `pool` of type process unless it exists, as `prefect work-pool create
+    POOL --type process` does (the process worker's default job template), in this process: each
+    `prefect` command spends seconds importing Prefect."""
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+    from prefect.workers.process import ProcessWorker
+
+    with SyncPrefectClient(api_url) as client:
+        try:
+            client.read_work_pool(pool)
+            return f"work pool {pool}: exists"
+        except ObjectNotFound:
+            pass
+        template = ProcessWorker.get_default_base_job_template()
+        try:
+            client.create_work_pool(WorkPoolCreate(name=pool, type="process", base_job_template=template))
+        except PrefectHTTPStatusError as error:
+            raise StackError(f"work pool {pool}: {error}") from error
+    return f"work pool {pool}: created (process)"
+
+
 def up(root: Path, repo: Path, state: Path, port: int = 4200, mlflow_port: int = 5000, worker_seconds: int = 10) -> list[str]:
     """Bring the stack up (idempotent); returns one line per service."""
     state.mkdir(parents=True, exist_ok=True)
@@ -120,13 +143,7 @@ def up(root: Path, repo: Path, state: Path, port: int = 4200, mlflow_port: int =
     ]
     _wait(f"http://127.0.0.1:{port}/api/health", "prefect server", state / "prefect-server.log")
     for pool, worker in POOLS.items():
-        if _prefect(["work-pool", "inspect", pool], env, repo).returncode:
-            created = _prefect(["work-pool", "create", pool, "--type", "process"], env, repo)
-            if created.returncode:
-                raise StackError(f"work pool {pool}: {(created.stderr or created.stdout).strip()}")
-            lines.append(f"work pool {pool}: created (process)")
-        else:
-            lines.append(f"work pool {pool}: exists")
+        lines.append(process_pool(pool, env["PREFECT_API_URL"]))
         worker_env = {**env, "PREFECT_WORKER_QUERY_SECONDS": str(worker_seconds)}
         lines.append(_start(state, worker, [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--name",
                                             f"{pool}-local"], worker_env, repo))
