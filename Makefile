@@ -28,9 +28,10 @@ up: $(VENV)/.installed
 down:
 	$(BIN)/python -m flows.stack down
 
-# CI's command (a Prefect stack with workers included); `make test-slow` runs the tests marked slow (kill -9 in every stage)
+# CI's command (a Prefect stack with workers included), a test file per worker process (pytest-xdist);
+# `make test-slow` runs the tests marked slow (kill -9 in every stage)
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" -n 2 --dist loadfile
 
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -m slow

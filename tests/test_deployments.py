@@ -2,7 +2,7 @@
 and prefect.yaml's deployments, brought up once for this module by `flows.stack` (what `make up` runs).
 
 Runs are triggered as the UI does (REST calls on the server), with the tiny configuration. One stack
-serves every test of the module (about 6 minutes on 2 cores, part of `make test`)."""
+serves every test of the module (about 5 minutes on 2 cores, on one of `make test`'s two workers)."""
 
 from __future__ import annotations
 

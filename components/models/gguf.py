@@ -19,6 +19,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from filelock import FileLock
+
 PREFIX = "gguf:"
 
 
@@ -30,7 +32,11 @@ def resolve(name: str) -> str:
     cache_root = Path(os.environ.get("RLHF_CACHE_DIR") or "~/.cache/rlhf-pipeline").expanduser()
     target = cache_root / "gguf" / _digest(gguf_file)
     if not (target / "config.json").is_file():
-        _convert(gguf_file, target)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # processes that resolve at once (`accelerate launch`, test workers) wait for one conversion
+        with FileLock(target.parent / f"{target.name}.lock"):
+            if not (target / "config.json").is_file():
+                _convert(gguf_file, target)
     return str(target)
 
 
@@ -93,15 +99,11 @@ def _convert(gguf_file: Path, target: Path) -> None:
     model.load_state_dict(dequantised.state_dict())
 
     # Build beside the target and rename into place: a killed conversion leaves no half folder.
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared like any model folder
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, target)
-    except OSError:
-        if not (target / "config.json").is_file():  # not a concurrent conversion that finished first
-            raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
