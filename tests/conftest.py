@@ -26,6 +26,7 @@ if "PYTEST_XDIST_WORKER" not in os.environ:  # converted GGUF models (517 MB): o
     os.environ["RLHF_CACHE_DIR"] = str(Path(_STATE) / "cache")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("PREFECT_API_URL", None)
+
 import components  # noqa: E402,F401  (offline switches)
 
 TINY = {
