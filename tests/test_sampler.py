@@ -59,10 +59,23 @@ def setup(request, tiny_tokenizer, tiny_world):
     return build(tiny_tokenizer, push_eos=True), build(tiny_tokenizer, push_eos=False), tiny_tokenizer, prompts
 
 
+def _always(choose):
+    """Both engines' draw replaced by `choose(probs)` -> (B, 1) indices: `generate`'s
+    torch.multinomial and the engine's `sampler.draw` (over its nucleus ids, where it has them)."""
+
+    def draw(scores, ids):
+        picked = choose(scores.softmax(dim=-1))
+        return (picked if ids is None else ids.gather(1, picked)).squeeze(1)
+
+    return (lambda probs, num_samples: choose(probs)), draw
+
+
 @pytest.fixture
 def greedy(monkeypatch):
     """Sampling made deterministic in both engines: the most probable token instead of a draw."""
-    monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples: probs.argmax(-1, keepdim=True))
+    multinomial, draw = _always(lambda probs: probs.argmax(-1, keepdim=True))
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    monkeypatch.setattr(sampler, "draw", draw)
 
 
 def _generate(model, prompt_ids, prompt_mask, eos, pad):
@@ -181,6 +194,30 @@ def test_nucleus_equals_top_p_warper(top_p, spread):
     assert kept[0] == 1 and (spread == 3.0 or kept[1:].min() > sampler.NUCLEUS_SEARCH)
 
 
+def test_draw_follows_the_softmax():
+    """The inverse-CDF draw's frequencies over 400,000 draws equal softmax(scores) within 5
+    standard errors, over the vocabulary and over nucleus ids; a token of probability 0 (-inf, a
+    cut nucleus' tail) is never drawn, not even where u rounds up to the row's total."""
+    torch.manual_seed(SEED)
+    scores = torch.tensor([[2.0, 0.5, float("-inf"), -1.0, 1.0, float("-inf")], [0.0, 3.0, 0.1, -2.0, 0.2, 0.3]])
+    ids = torch.tensor([[10, 11, 12, 13, 14, 15], [5, 4, 3, 2, 1, 0]])
+    n = 200_000
+    tokens = sampler.draw(scores.repeat_interleave(n, dim=0), ids.repeat_interleave(n, dim=0)).view(2, n)
+    for row in range(2):
+        expected = scores[row].softmax(-1)
+        observed = torch.stack([(tokens[row] == token).float().mean() for token in ids[row]])
+        standard_error = (expected * (1 - expected) / n).sqrt()
+        assert ((observed - expected).abs() <= 5 * standard_error).all()
+        assert (observed[expected == 0] == 0).all()
+    whole = sampler.draw(scores, None)
+    assert all(scores[row, token] > float("-inf") for row, token in enumerate(whole.tolist()))
+
+    # u = the total exactly: the last token of positive probability, not the -inf one after it
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "rand", lambda *size, **kwargs: torch.ones(*size, **kwargs))
+        assert sampler.draw(scores, ids).tolist() == [14, 0]
+
+
 def test_rollout_layout(setup):
     """Prompts in the caller's order, one EOS kept at the end of a response and padding after it,
     completions without it, responses cut at max_new_tokens without EOS."""
@@ -212,7 +249,7 @@ def test_rollout_layout(setup):
 
 
 def test_responses_stop_at_the_context(setup):
-    model, _, tokenizer, prompts = setup
+    _, model, tokenizer, prompts = setup  # the model not pushed towards EOS: rows reach the context
     torch.manual_seed(SEED)
     result = lm.sample(model, tokenizer, prompts, 1000, 1.0, engine="bucketed")
     room = CONTEXT - result.prompt_ids.shape[1]
@@ -225,7 +262,9 @@ def test_empty_completions(setup, monkeypatch):
     """EOS as every row's first token: one-token responses, empty completions, as generate gives."""
     model, _, tokenizer, prompts = setup
     eos = tokenizer.eos_token_id
-    monkeypatch.setattr(torch, "multinomial", lambda probs, num_samples: torch.full((len(probs), 1), eos))
+    multinomial, draw = _always(lambda probs: torch.full((len(probs), 1), eos))
+    monkeypatch.setattr(torch, "multinomial", multinomial)
+    monkeypatch.setattr(sampler, "draw", draw)
     by_engine = lm.sample(model, tokenizer, prompts, MAX_NEW_TOKENS, 1.0, engine="bucketed")
     _assert_same_rollout(by_engine, lm.sample(model, tokenizer, prompts, MAX_NEW_TOKENS, 1.0))
     assert by_engine.response_ids.tolist() == [[eos]] * len(prompts)

@@ -14,10 +14,13 @@ all three.
 - Finished rows dropped: a row that samples EOS leaves the batch and the cache; `generate`
   computes every row until the last one stops.
 - The nucleus from `topk` rather than a sort of the vocabulary, and the draw among its tokens.
+- The draw by inverting the cumulative distribution with one uniform number a row, where
+  torch.multinomial draws an exponential number for every token of the vocabulary (29% of a
+  sampling call of the demo's model, 64 rows and 2,048 tokens).
 
 Each step samples as `generate` does: the last position's logits in float32, divided by the
 temperature, cut to the top-p nucleus (the smallest set of most probable tokens whose probability
-reaches top_p, as transformers' TopPLogitsWarper keeps it), then softmax and torch.multinomial.
+reaches top_p, as transformers' TopPLogitsWarper keeps it), then softmax and a draw from it.
 The distribution is the same, the draws are not: the random stream is consumed otherwise.
 """
 
@@ -61,8 +64,15 @@ def nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> tuple[tor
 
 
 def draw(scores: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
-    """One token per row from softmax(scores) over `ids` (the vocabulary where None)."""
-    picked = torch.multinomial(scores.softmax(dim=-1), num_samples=1)
+    """One token per row from softmax(scores) over `ids` (the vocabulary where None): the first
+    token whose cumulative probability exceeds u ~ U[0, total), total the row's summed probability
+    (1 up to rounding). A token of probability 0 spans an empty interval. u is kept below the total
+    (U[0, 1) times it can round up to it), which the last token of positive probability reaches."""
+    probs = scores.softmax(dim=-1)
+    cumulative = probs.cumsum(dim=-1)
+    total = cumulative[:, -1:]
+    u = torch.minimum(torch.rand(len(probs), 1, device=probs.device) * total, total.nextafter(total.new_zeros(())))
+    picked = torch.searchsorted(cumulative, u, right=True)
     return (picked if ids is None else ids.gather(1, picked)).squeeze(1)
 
 
