@@ -69,7 +69,7 @@ class TrainerConfig(Section):
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of the steps spent warming up")
     max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this global norm")
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
-        "auto", description="auto: bf16 on a GPU that supports it, fp32 otherwise"
+        "auto", description="auto: bf16 autocast on a GPU that supports it or a CPU with AMX, fp32 otherwise"
     )
     checkpoint_every: int = Field(
         50, ge=0, description="optimizer steps between checkpoints a killed run resumes from; 0: none"
@@ -108,6 +108,11 @@ class BaseModelConfig(TrainerConfig):
     n_head: int = Field(4, ge=1)
     n_embd: int = Field(192, ge=16)
     max_length: int = Field(128, ge=32, description="context length in tokens")
+    dropout: float = Field(
+        0.0, ge=0, lt=1,
+        description="the embedded model's dropout (embeddings, attention, residuals), which the SFT policy and the "
+        "reward model keep: 0, nanoGPT's for pretraining (GPT-2's 0.1 was 10% of a pretraining step's time here)",
+    )
     epochs: int = Field(2, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(2e-3, gt=0)

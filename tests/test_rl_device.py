@@ -1,7 +1,8 @@
 """Every RL method on the accelerator (issue 13): `rollout.on_accelerator` puts policy, reference
 and reward model on the device the supervised trainers use and runs the method's forward passes
 under their mixed-precision autocast, the weights staying float32. On a CPU, bf16 autocast forced
-with mixed_precision="bf16" exercises the plumbing that `auto` selects on a GPU with bf16."""
+with mixed_precision="bf16" exercises the plumbing that `auto` selects on a GPU with bf16 (a
+CPU with AMX: only for the trainers before the RL stage)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import copy
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 
-from components.models.training import check_finite, make_accelerator, placement, resolve_precision
+from components.models.training import check_finite, cpu_float32, make_accelerator, placement, resolve_precision
 from components.rl import METHODS, RLInputs
 from components.rl.best_of_n import BestOfNConfig
 from components.rl.grpo import GRPOConfig
@@ -38,15 +39,39 @@ def fresh_accelerator_state():
     AcceleratorState._reset_state()
 
 
-def test_auto_means_bf16_on_a_cuda_gpu_with_bf16_only(monkeypatch):
+def test_auto_means_bf16_where_the_device_has_bf16_matrix_units(monkeypatch):
     assert resolve_precision("no") == "no" and resolve_precision("bf16") == "bf16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert resolve_precision("auto") == "no"
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert resolve_precision("auto") == "bf16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
     assert resolve_precision("auto") == "no"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
     assert resolve_precision("auto") == "bf16"
+
+
+def test_auto_keeps_the_rl_stage_of_a_cpu_in_float32(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    with cpu_float32():
+        assert resolve_precision("auto") == "no" and resolve_precision("bf16") == "bf16"
+    assert resolve_precision("auto") == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    with cpu_float32():
+        assert resolve_precision("auto") == "bf16"
+
+
+def test_stages_of_one_process_train_in_their_own_sections_precisions():
+    """accelerate refuses a second precision in a process; make_accelerator resets it between
+    stages and keeps the distributed state."""
+    assert make_accelerator("no").mixed_precision == "no"
+    assert make_accelerator("bf16").mixed_precision == "bf16"
+    assert make_accelerator("no").mixed_precision == "no"
+    assert PartialState._shared_state  # never reset
 
 
 def test_placement_is_the_trainers_device_with_bf16_autocast_when_asked():
@@ -55,9 +80,10 @@ def test_placement_is_the_trainers_device_with_bf16_autocast_when_asked():
     assert placement("no") == (device, torch.float32)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="auto picks bf16 on a GPU that supports it")
-def test_auto_keeps_a_cpu_in_float32():
-    assert placement("auto") == (torch.device("cpu"), torch.float32)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="auto picks the GPU")
+def test_auto_places_on_the_cpu_in_its_precision():
+    dtype = torch.bfloat16 if torch.cpu._is_amx_tile_supported() else torch.float32
+    assert placement("auto") == (torch.device("cpu"), dtype)
 
 
 def _head_dtypes(model, head: str) -> set[torch.dtype]:

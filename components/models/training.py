@@ -18,6 +18,7 @@ A non-finite loss, gradient norm or weight stops training with `NonFiniteError`;
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from typing import Callable, Protocol, Sequence
 
 import torch
 from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from components.progress import Bar
 
 from components.sections import TrainerConfig
@@ -80,20 +82,46 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fra
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+# False within the RL stage (`cpu_float32`): there `auto` keeps a CPU in float32
+_CPU_BF16 = contextvars.ContextVar("cpu_bf16", default=True)
+
+
 def resolve_precision(mixed_precision: str) -> str:
-    """`no` or `bf16`: `auto` means bf16 where a CUDA GPU supports it."""
+    """`no` or `bf16`: `auto` means bf16 where the device has bf16 matrix units: a CUDA GPU that
+    supports bf16, or, without CUDA and outside the RL stage, a CPU with Intel AMX. There bf16
+    autocast took the demo's training steps 1.5-1.9x faster (benchmarks/README.md); a CPU without
+    AMX emulates bf16 matmuls, slower than float32."""
     if mixed_precision == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "no"
+        return "bf16" if _CPU_BF16.get() and torch.cpu._is_amx_tile_supported() else "no"
     return mixed_precision
 
 
+@contextlib.contextmanager
+def cpu_float32():
+    """`auto` as float32 on a CPU for the block: the RL stage's. Under bf16 autocast on this CPU the
+    demo's methods drifted from the SFT policy (PPO: KL 40.6 and a gold win rate of 0.594, against
+    2.48 and 0.836; ReST 22.3 and 0.578, best-of-n 10.4 and 0.676) and PPO was no faster."""
+    token = _CPU_BF16.set(False)
+    try:
+        yield
+    finally:
+        _CPU_BF16.reset(token)
+
+
 def make_accelerator(mixed_precision: str = "auto") -> Accelerator:
-    """An Accelerator for this process, in `resolve_precision(mixed_precision)`."""
+    """An Accelerator for this process, in `resolve_precision(mixed_precision)`. accelerate keeps
+    one precision per process and refuses another; stages run one after another in a process (the
+    pipeline flow, the RL stage's reward update) with their sections' precisions, so a different
+    one resets accelerate's precision state, leaving its distributed set-up (PartialState) as is."""
+    precision = resolve_precision(mixed_precision)
+    if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+        AcceleratorState._reset_state()
     # cpu=True without CUDA: under `accelerate launch --multi_gpu` the processes then join over gloo.
     # The scheduler counts optimizer steps, not per-process batches.
     return Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision=resolve_precision(mixed_precision),
-        step_scheduler_with_optimizer=False,
+        cpu=not torch.cuda.is_available(), mixed_precision=precision, step_scheduler_with_optimizer=False,
     )
 
 
@@ -244,7 +272,9 @@ def train_loop(
                 save_checkpoint(accelerator, checkpoint_dir, step, epoch_totals)
     progress.close()
     accelerator.wait_for_everyone()
-    model = accelerator.unwrap_model(model)
+    # without accelerate's autocast wrapper on its forward: later passes in this process (the RL
+    # stage's reward model after an online round's update) compute as a process that loads it does
+    model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     model.eval()
     check_finite(model, description)
     return {key: value / batches_per_epoch for key, value in epoch_totals.items()}

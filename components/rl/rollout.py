@@ -96,21 +96,23 @@ def on_accelerator(run: RLInputs, mixed_precision: str | None = None):
     """Run an RL method where the supervised trainers train (components/models/training.py,
     `placement`): policy, reference and reward model move to this process's device, where they
     stay, and every forward pass inside autocasts to bf16 where mixed precision is on (`auto`: a
-    CUDA GPU with bf16). Weights, gradients and optimizer state stay float32, as under the
+    CUDA GPU with bf16; on a CPU `auto` stays float32 here, `training.cpu_float32`, for the
+    trainers a method runs too). Weights, gradients and optimizer state stay float32, as under the
     trainers' autocast: bf16 weights would round away small updates.
 
     `mixed_precision`: auto, no or bf16; None takes the method section's own where it is a
     trainer's section (ReST's, best-of-n's, DPO's: their fine-tuning computes alike), else auto."""
-    if mixed_precision is None:
-        mixed_precision = getattr(run.config, "mixed_precision", "auto")
-    device, dtype = training.placement(mixed_precision)
-    for model in (run.policy, run.reference, getattr(run.reward, "model", None)):
-        if model is not None:
-            model.to(device)
-    # around the whole method, so that every forward is covered (sampling, the reward model, a new
-    # method's own); backward reuses the dtypes of the forward, and the optimizer's ops do not autocast
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        yield
+    with training.cpu_float32():
+        if mixed_precision is None:
+            mixed_precision = getattr(run.config, "mixed_precision", "auto")
+        device, dtype = training.placement(mixed_precision)
+        for model in (run.policy, run.reference, getattr(run.reward, "model", None)):
+            if model is not None:
+                model.to(device)
+        # around the whole method, so that every forward is covered (sampling, the reward model, a new
+        # method's own); backward reuses the dtypes of the forward, and the optimizer's ops do not autocast
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            yield
 
 
 def generate(
