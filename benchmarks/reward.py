@@ -1,8 +1,8 @@
 """Reward model: `components.reward_model.train` against `trl.RewardTrainer` (Bradley-Terry loss).
 
-Work is counted in preference pairs. Both sides train the same GPT-2 with a scalar head, dropout
-on (TRL would switch it off by default; ours keeps the model as configured), chosen and rejected
-sequences of a batch in one forward pass.
+Work is counted in preference pairs. Both sides train the same GPT-2 with a scalar head and the
+model's own dropout (TRL would switch it off by default; ours keeps the model as configured),
+chosen and rejected sequences of a batch in one forward pass.
 """
 
 from __future__ import annotations

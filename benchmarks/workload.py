@@ -60,6 +60,7 @@ class Sizes:
     n_embd: int = BASE.n_embd
     vocab_size: int = BASE.vocab_size
     max_length: int = BASE.max_length
+    dropout: float = BASE.dropout
     batch_size: int = 16
     warmup_steps: int = 3  # optimizer steps run before the clock starts
     timed_steps: int = 12
@@ -220,7 +221,7 @@ def causal_lm(work: Workload):
     s = work.sizes
     if s.model == "smollm2":
         return lm.load_policy(SMOLLM2)[0]
-    return lm.build_model(work.tokenizer, s.n_layer, s.n_head, s.n_embd, s.max_length)
+    return lm.build_model(work.tokenizer, s.n_layer, s.n_head, s.n_embd, s.max_length, s.dropout)
 
 
 def reward_model(work: Workload):

@@ -45,13 +45,18 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, n_layer: int, n_head: int, n_embd: int, max_length: int):
+def build_model(
+    tokenizer: PreTrainedTokenizerFast, n_layer: int, n_head: int, n_embd: int, max_length: int, dropout: float = 0.0
+):
     config = GPT2Config(
         vocab_size=len(tokenizer),
         n_positions=max_length,
         n_layer=n_layer,
         n_head=n_head,
         n_embd=n_embd,
+        resid_pdrop=dropout,
+        embd_pdrop=dropout,
+        attn_pdrop=dropout,
         # GPT-2's tanh-approximated GELU in one fused kernel: the same function as its default
         # "gelu_new", which composes it from five elementwise ops (10-20% of a small model's step)
         activation_function="gelu_pytorch_tanh",

@@ -102,7 +102,7 @@ def pretrain(cfg: PipelineConfig, root: str, log) -> Outcome:
     else:
         documents = [row["text"] for row in read_jsonl(path(root, "corpus"))]
         tokenizer = lm.train_tokenizer(documents, base.vocab_size)
-        model = lm.build_model(tokenizer, base.n_layer, base.n_head, base.n_embd, base.max_length)
+        model = lm.build_model(tokenizer, base.n_layer, base.n_head, base.n_embd, base.max_length, base.dropout)
         demos = [sft.Demonstration("", doc) for doc in documents]
         metrics = sft.train(model, tokenizer, demos, base.max_length, base, cfg.seed, log, checkpoints(root, "pretrain"))
     metrics["parameters"] = sum(p.numel() for p in model.parameters())
