@@ -148,9 +148,9 @@ def test_train_raises_the_reward_of_the_policy_samples(tiny_policy, tiny_reward,
     assert [step for step, _ in logged] == list(range(cfg.steps))
     assert all(math.isfinite(v) for _, m in logged for k, v in m.items() if k != "explained_variance")
     assert logged[0][1]["kl"] == 0.0  # the first rollout comes from the reference itself
-    # in units of the initial policy's score std (seeds 0-2, calibrated on either engine's draws:
-    # gains 0.67-1.07)
-    assert end > start + 0.5
+    # in units of the initial policy's score std: seeds 0-2 gained 0.67-1.07 with torch.multinomial's
+    # draws, seeds 0-3 0.42-0.89 with the engine's inverse-CDF draw (the calibration moves with them)
+    assert end > start + 0.3
     for n, p in [*run.reference.named_parameters(), *reward.model.named_parameters()]:
         assert torch.equal(p, frozen[n]), n
 

@@ -43,8 +43,8 @@ class PPOConfig(Section):
     """PPO against the reward model with a per-token KL penalty to the SFT reference."""
 
     steps: int = Field(
-        20, ge=1, description="rollout-and-update iterations; on the review world the gold reward of the policy "
-        "levels off after about 20 (benchmarks/README.md)",
+        15, ge=1, description="rollout-and-update iterations; on the review world the gold reward of the policy "
+        "levels off after 12-15 (benchmarks/README.md)",
     )
     batch_size: int = Field(64, ge=1, description="prompts per rollout")
     minibatch_size: int = Field(16, ge=1)
