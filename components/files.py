@@ -11,6 +11,12 @@ import os
 from pathlib import Path
 
 
+def cache_root() -> Path:
+    """The user's cache of what is derived once and reused by every project: `$RLHF_CACHE_DIR`,
+    default ~/.cache/rlhf-pipeline."""
+    return Path(os.environ.get("RLHF_CACHE_DIR") or "~/.cache/rlhf-pipeline").expanduser()
+
+
 def md5_file(path: Path) -> str:
     digest = hashlib.md5()
     with open(path, "rb") as handle:

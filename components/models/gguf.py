@@ -21,6 +21,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from components.files import cache_root
+
 PREFIX = "gguf:"
 
 
@@ -29,8 +31,7 @@ def resolve(name: str) -> str:
     gguf_file = _find_gguf(name)
     if gguf_file is None:
         return name
-    cache_root = Path(os.environ.get("RLHF_CACHE_DIR") or "~/.cache/rlhf-pipeline").expanduser()
-    target = cache_root / "gguf" / _digest(gguf_file)
+    target = cache_root() / "gguf" / _digest(gguf_file)
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         # processes that resolve at once (`accelerate launch`, test workers) wait for one conversion
