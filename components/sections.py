@@ -69,7 +69,8 @@ class TrainerConfig(Section):
     warmup_fraction: float = Field(0.05, ge=0, lt=1, description="share of the steps spent warming up")
     max_grad_norm: float = Field(1.0, gt=0, description="gradients are clipped to this global norm")
     mixed_precision: Literal["auto", "no", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on a GPU that supports it or a CPU with AMX, fp32 otherwise"
+        "auto", description="auto: bf16 autocast on a GPU that supports it or, outside the RL stage, a CPU with AMX; "
+        "fp32 otherwise"
     )
     checkpoint_every: int = Field(
         50, ge=0, description="optimizer steps between checkpoints a killed run resumes from; 0: none"
