@@ -162,6 +162,15 @@ def test_every_method_trains_the_policy_and_traces_the_frontier(upstream, tmp_pa
     assert any(not torch.equal(trained[name], sft[name]) for name in sft)
     trace = read_jsonl(root / PATHS["trace"])
     assert trace[0]["step"] == 0 and len(trace) >= 2 and {row["algorithm"] for row in trace} == {algorithm}
+    assert len(trace) <= 1 + cfg.rl.probe_points  # the start and rl.probe_points, whichever steps a method probes
+
+
+def test_the_frontier_is_measured_at_evenly_spaced_steps_however_often_a_method_asks():
+    from components.pipeline.policy_stages import probe_steps
+
+    assert probe_steps(15, 6) == {3, 5, 8, 10, 13, 15}  # 15 // 6 = 2 would have measured 8 times
+    assert probe_steps(20, 6) == {4, 7, 10, 14, 17, 20}
+    assert probe_steps(2, 6) == {1, 2} and probe_steps(1, 1) == {1}
 
 
 def reinforce_toy(run):

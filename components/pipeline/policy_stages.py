@@ -4,6 +4,7 @@ then compared with SFT on held-out prompts. See components/pipeline/stages.py fo
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 from components import evaluation, rl, tasks
@@ -52,6 +53,11 @@ def latest_reward(cfg: PipelineConfig, root: str, tokenizer):
     return reward
 
 
+def probe_steps(total: int, points: int) -> set[int]:
+    """`points` steps evenly spaced over a round's 1..`total`, the last one included."""
+    return {math.ceil(total * i / points) for i in range(1, points + 1)}
+
+
 def reinforce(cfg: PipelineConfig, root: str, log) -> Outcome:
     """RL fine-tuning of the SFT policy with `rl.algorithm`, for `rl.rounds` online rounds
     (components/rl/online.py), LoRA adapters when `rl.lora_r` > 0.
@@ -74,8 +80,14 @@ def reinforce(cfg: PipelineConfig, root: str, log) -> Outcome:
     trace_file = folder / "trace.jsonl"
 
     def probe_for(round_: int, trained):
+        previous = None
+
         def probe(step: int, total: int) -> None:
-            if cfg.rl.probe_points and (step % max(1, total // cfg.rl.probe_points) == 0 or step == total):
+            # a method may call this at every step or only at logged ones (DPO's): a point is measured
+            # at the first call on or after its step
+            nonlocal previous
+            since, previous = step - 1 if previous is None else previous, step
+            if cfg.rl.probe_points and (step == 0 or any(since < s <= step for s in probe_steps(total, cfg.rl.probe_points))):
                 point = evaluation.frontier_point(
                     trained, sft_policy, reward, tokenizer, probe_prompts, cfg.sampling, cfg.seed, gold
                 )
