@@ -38,18 +38,23 @@ exits 1 when the gate keeps a version from champion. Anything else is a bug: a t
 from __future__ import annotations
 
 import argparse
+import atexit
 import errno
+import gc
 import logging
 import os
 import sys
 from pathlib import Path
-from typing import get_args
+from typing import TYPE_CHECKING, Callable, get_args
 
-from components.config import ConfigError, PipelineConfig, load_config
-from components import rl
+# What the command line itself imports is light: a run's Prefect server boots while the stages
+# (torch, transformers: ~10 s) are imported and the configuration is checked (`main`).
 from components.sections import DataConfig
 from components.pipeline.layout import PATHS, STAGE_BY_NAME
 from flows import judging
+
+if TYPE_CHECKING:
+    from components.config import PipelineConfig
 
 MESSAGES_SHOWN = 20
 TRAIN_MARKER = ".rlhf-train"  # in an --out folder that `rlhf train` writes
@@ -88,7 +93,8 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     _common_options(commands.add_parser("run", help="run the whole pipeline as a Prefect flow"))
     compare = commands.add_parser("compare", help="run the pipeline once per RL method; plot the KL-reward frontier")
-    compare.add_argument("--methods", default=",".join(rl.METHODS), help=f"comma-separated, from {','.join(rl.METHODS)}")
+    compare.add_argument("--methods", help="comma-separated registered RL methods (default: all; `rlhf config` "
+                         "lists rl.algorithm's)")
     compare.add_argument("--seeds", type=int, default=1, help="RL runs per method (rl.seed_offset 0..N-1), summarised "
                          "as mean and 95%% interval")
     _common_options(compare)
@@ -246,6 +252,8 @@ def _train(args, cfg: PipelineConfig) -> int:
 
 
 def _config(args) -> PipelineConfig:
+    from components.config import load_config
+
     path = args.config
     if path is None and (Path(args.root) / "params.yaml").is_file():
         path = Path(args.root) / "params.yaml"
@@ -297,8 +305,11 @@ def _data(args, cfg: PipelineConfig) -> int:
 
 
 def _methods(args) -> list[str]:
-    """`--methods` as a list; ConfigError naming what is not an RL method."""
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    """`--methods` as a list (every registered method by default); ConfigError naming what is not one."""
+    from components import rl
+    from components.config import ConfigError
+
+    methods = [m.strip() for m in (args.methods or ",".join(rl.METHODS)).split(",") if m.strip()]
     unknown = sorted(set(methods) - set(rl.METHODS))
     if unknown or not methods:
         raise ConfigError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(rl.METHODS)}")
@@ -310,6 +321,8 @@ def _compare(args, cfg: PipelineConfig, root: Path) -> int:
     from flows.compare import compare_methods, table
 
     if args.seeds < 1:
+        from components.config import ConfigError
+
         raise ConfigError(f"--seeds: expected at least 1, got {args.seeds}")
     outcome = compare_methods(methods=methods, config=cfg, root=str(root), seeds=args.seeds)
     rows = table(outcome["summary"])
@@ -334,11 +347,16 @@ def _prefect_environment(root: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     # MLflow announces on stderr that it creates a project's database: not an error
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # the interpreter's last garbage collections at exit would walk every object that torch,
+    # transformers, Prefect and MLflow made (2-4 s); the process ends, its memory goes anyway
+    atexit.register(gc.freeze)
     args = _parser().parse_args(argv)
+    if args.command in ("run", "compare", "stage"):
+        return _in_project(args)
+    from components.config import ConfigError
+
     try:
         cfg = _config(args)
-        if args.command == "compare":
-            _methods(args)  # before the project is locked and a Prefect server started
     except ConfigError as error:
         return _fail("configuration", error)
     if args.command == "data":
@@ -349,14 +367,17 @@ def main(argv: list[str] | None = None) -> int:
         return _show_config(cfg)
     if args.command in ("promote", "models"):
         return _registry(args, cfg)
-    root = Path(args.root).resolve()
-    _prefect_environment(root)  # a Prefect Secret block may hold the judge's key
-    if args.command in ("serve", "judge"):
-        return judging.run(args, cfg)
-    judging.export_judge_key(cfg)
-    from components.pipeline import lock, tracking
-    from components.pipeline.stages import StageError
+    _prefect_environment(Path(args.root).resolve())  # a Prefect Secret block may hold the judge's key
+    return judging.run(args, cfg)
 
+
+def _in_project(args) -> int:
+    """`run`, `compare` and `stage`, one at a time per project folder. The Prefect server of `run`
+    starts first: it boots (10-15 s) while the stages are imported and the configuration is checked."""
+    from components.pipeline import lock
+
+    root = Path(args.root).resolve()
+    _prefect_environment(root)
     try:  # one run per project folder; what a killed one left RUNNING is marked failed
         held = lock.acquire(root, f"rlhf {args.command}")
     except lock.ProjectBusy as error:
@@ -364,15 +385,37 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as error:
         return _fail("output", error)
-    server = None
-    try:
-        if args.command in ("run", "compare"):
-            from flows.server import crash_stale_runs, local_api, start_server
+    started = []
 
-            # Prefect's server boots while the stages are imported and checked, unless the run may
-            # need none: a project with a policy may be up to date
-            if args.command == "compare" or not (root / PATHS["policy"]).exists():
-                server = start_server()
+    def server():
+        """The command's LocalServer (None where a Prefect API is configured), started on the first call."""
+        if not started:
+            from flows.server import start_server
+
+            started.append(start_server())
+        return started[0]
+
+    try:
+        # a project with a policy may be up to date: then `run` needs no server
+        if args.command == "run" and not (root / PATHS["policy"]).exists():
+            server()
+        return _run_in_project(args, root, server)
+    finally:
+        if started and started[0] is not None:
+            started[0].stop()
+        held.release()
+
+
+def _run_in_project(args, root: Path, server: Callable) -> int:
+    from components.config import ConfigError
+    from components.pipeline import tracking
+    from components.pipeline.stages import StageError
+
+    try:
+        cfg = _config(args)
+        if args.command == "compare":
+            _methods(args)
+        judging.export_judge_key(cfg)
         tracking.configure(root, cfg.experiment)
         tracking.fail_stale_runs(root, cfg.experiment)
         if args.command == "stage":
@@ -383,13 +426,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{key}: {value:.4f}")
             return 0
         from flows.pipeline import format_table, rlhf_pipeline, up_to_date
+        from flows.server import crash_stale_runs, local_api
 
         outcome = up_to_date(cfg, root) if args.command == "run" else None
         if outcome:  # like `dvc repro` on an unchanged pipeline: no flow run
             print("Every stage is up to date for this configuration and its policy is registered: nothing ran.")
         else:
-            server = server or start_server()
-            with local_api(server):
+            with local_api(server()):
                 crash_stale_runs(root)
                 if args.command == "compare":
                     return _compare(args, cfg, root)
@@ -397,17 +440,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nRLHF pipeline summary ({cfg.rl.algorithm} policy vs SFT on held-out prompts)")
         print(format_table(outcome["summary"]))
         return 0
+    except ConfigError as error:  # the configuration, --methods, or a deployment's overrides checked in the flow
+        return _fail("configuration", error)
     except StageError as error:  # its input or settings: the message says what to fix
         print(f"stage failed: {one_line(error)}", file=sys.stderr)
         return 2
-    except ConfigError as error:  # a deployment's overrides, checked in the flow
-        return _fail("configuration", error)
     except OSError as error:  # an unwritable or full project folder
         return _fail("output", error)
-    finally:
-        if server is not None:
-            server.stop()
-        held.release()
 
 
 if __name__ == "__main__":
