@@ -302,7 +302,7 @@ def test_precomputed_and_on_the_fly_reference_agree(setup, tmp_path, lora_r):
     for precompute in (True, False):
         cfg = DPOConfig(
             lora_r=lora_r, precompute_ref_logprobs=precompute, lr=1e-2, batch_size=4, epochs=1, warmup_fraction=0,
-            mixed_precision="no",
+            mixed_precision="no", log_every=1,
         )
         steps = []
         dpo.train(perturbed(model), tokenizer, PAIRS, MAX_LENGTH, cfg, seed=0, log=lambda m, step: steps.append(m))
@@ -331,7 +331,7 @@ class Crash(Exception):
 
 def test_resumed_lora_run_equals_uninterrupted_run(setup, tmp_path):
     tokenizer, model = setup
-    cfg = DPOConfig(lora_r=4, lr=1e-2, batch_size=2, epochs=2, checkpoint_every=1, mixed_precision="no")
+    cfg = DPOConfig(lora_r=4, lr=1e-2, batch_size=2, epochs=2, checkpoint_every=1, log_every=1, mixed_precision="no")
     uninterrupted, _ = dpo.train(copy.deepcopy(model), tokenizer, PAIRS, MAX_LENGTH, cfg, seed=3)
 
     def crash_at_step_5(metrics, step):

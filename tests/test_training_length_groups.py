@@ -101,7 +101,8 @@ def run(objective: Regression, checkpoint_dir, group_by_length: bool, stop_at: i
             raise Stop
 
     cfg = TrainerConfig(
-        epochs=3, batch_size=4, lr=1e-2, mixed_precision="no", checkpoint_every=4, group_by_length=group_by_length
+        epochs=3, batch_size=4, lr=1e-2, mixed_precision="no", checkpoint_every=4, group_by_length=group_by_length,
+        log_every=1,  # `log` stops the run at any step
     )
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)

@@ -44,7 +44,7 @@ demos = [sft.Demonstration(t.split()[0], " " + " ".join(t.split()[1:])) for t in
 objective = sft.lm_objective(tokenizer, demos, 64)
 cfg = TrainerConfig(
     epochs=2, batch_size=8, gradient_accumulation_steps=args.accumulation, lr=3e-3,
-    checkpoint_every=args.checkpoint_every, mixed_precision="no",
+    checkpoint_every=args.checkpoint_every, log_every=1, mixed_precision="no",  # the curve of every step
 )
 curve = {}
 
