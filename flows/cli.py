@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, get_args
 
 # What the command line itself imports is light: a run's Prefect server boots while the stages
-# (torch, transformers: ~10 s) are imported and the configuration is checked (`main`).
+# (torch, transformers: ~10 s) are imported and the configuration is checked (`_in_project`).
 from components.sections import DataConfig
 from components.pipeline.layout import PATHS, STAGE_BY_NAME
 from flows import judging
@@ -415,6 +415,7 @@ def _run_in_project(args, root: Path, server: Callable) -> int:
         cfg = _config(args)
         if args.command == "compare":
             _methods(args)
+            server()  # it boots while the project's stale runs are marked
         judging.export_judge_key(cfg)
         tracking.configure(root, cfg.experiment)
         tracking.fail_stale_runs(root, cfg.experiment)
