@@ -166,11 +166,18 @@ def test_every_method_trains_the_policy_and_traces_the_frontier(upstream, tmp_pa
 
 
 def test_the_frontier_is_measured_at_evenly_spaced_steps_however_often_a_method_asks():
-    from components.pipeline.policy_stages import probe_steps
+    from components.pipeline.policy_stages import probe_due
 
-    assert probe_steps(15, 6) == {3, 5, 8, 10, 13, 15}  # 15 // 6 = 2 would have measured 8 times
-    assert probe_steps(20, 6) == {4, 7, 10, 14, 17, 20}
-    assert probe_steps(2, 6) == {1, 2} and probe_steps(1, 1) == {1}
+    def measured(total: int, points: int, calls: list[int]) -> list[int]:
+        return [step for since, step in zip([-1, *calls], calls) if probe_due(step, since, total, points)]
+
+    every_step = list(range(0, 16))
+    assert measured(15, 6, every_step) == [0, 3, 5, 8, 10, 13, 15]  # 15 // 6 = 2 would have measured 8 times
+    assert measured(20, 6, list(range(0, 21))) == [0, 4, 7, 10, 14, 17, 20]
+    assert measured(2, 6, [0, 1, 2]) == [0, 1, 2]
+    # DPO's: called at logged steps only; a point is measured at the first call on or after it
+    assert measured(25, 5, [0, 10, 12, 20, 25]) == [0, 10, 20, 25]
+    assert measured(15, 0, every_step) == []
 
 
 def reinforce_toy(run):

@@ -53,9 +53,12 @@ def latest_reward(cfg: PipelineConfig, root: str, tokenizer):
     return reward
 
 
-def probe_steps(total: int, points: int) -> set[int]:
-    """`points` steps evenly spaced over a round's 1..`total`, the last one included."""
-    return {math.ceil(total * i / points) for i in range(1, points + 1)}
+def probe_due(step: int, since: int, total: int, points: int) -> bool:
+    """Whether the frontier is measured at `step` of a round of `total`, the previous call having
+    been at `since`: at the start (step 0), and at the first call on or after each of `points` steps
+    evenly spaced over 1..`total` (ceil(total * i / points), the last included). A method may call at
+    every step or only at logged ones (DPO's)."""
+    return points > 0 and (step == 0 or any(since < math.ceil(total * i / points) <= step for i in range(1, points + 1)))
 
 
 def reinforce(cfg: PipelineConfig, root: str, log) -> Outcome:
@@ -83,11 +86,9 @@ def reinforce(cfg: PipelineConfig, root: str, log) -> Outcome:
         previous = None
 
         def probe(step: int, total: int) -> None:
-            # a method may call this at every step or only at logged ones (DPO's): a point is measured
-            # at the first call on or after its step
             nonlocal previous
             since, previous = step - 1 if previous is None else previous, step
-            if cfg.rl.probe_points and (step == 0 or any(since < s <= step for s in probe_steps(total, cfg.rl.probe_points))):
+            if probe_due(step, since, total, cfg.rl.probe_points):
                 point = evaluation.frontier_point(
                     trained, sft_policy, reward, tokenizer, probe_prompts, cfg.sampling, cfg.seed, gold
                 )
