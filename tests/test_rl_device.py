@@ -12,7 +12,9 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, PartialState
 
-from components.models.training import check_finite, cpu_float32, make_accelerator, placement, resolve_precision
+from components.models.training import (
+    check_finite, cpu_float32, device_description, make_accelerator, placement, resolve_precision,
+)
 from components.rl import METHODS, RLInputs
 from components.rl.best_of_n import BestOfNConfig
 from components.rl.grpo import GRPOConfig
@@ -43,14 +45,15 @@ def test_auto_means_bf16_where_the_device_has_bf16_matrix_units(monkeypatch):
     assert resolve_precision("no") == "no" and resolve_precision("bf16") == "bf16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-    assert resolve_precision("auto") == "no"
+    assert resolve_precision("auto") == "no" and device_description().endswith("AMX bf16 no")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert resolve_precision("auto") == "bf16"
+    assert resolve_precision("auto") == "bf16" and device_description().endswith("AMX bf16 yes")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "NVIDIA H200")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)
-    assert resolve_precision("auto") == "no"
+    assert resolve_precision("auto") == "no" and device_description() == "cuda NVIDIA H200, bf16 no"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
-    assert resolve_precision("auto") == "bf16"
+    assert resolve_precision("auto") == "bf16" and device_description() == "cuda NVIDIA H200, bf16 yes"
 
 
 def test_auto_keeps_the_rl_stage_of_a_cpu_in_float32(monkeypatch):

@@ -98,6 +98,14 @@ def resolve_precision(mixed_precision: str) -> str:
     return mixed_precision
 
 
+def device_description() -> str:
+    """The hardware `auto` precision is decided on, for a run's record: the same configuration
+    trains in bf16 on a CPU with AMX or a bf16 GPU and in float32 elsewhere, and its numbers differ."""
+    if torch.cuda.is_available():
+        return f"cuda {torch.cuda.get_device_name()}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}"
+    return f"cpu, {os.cpu_count()} cores, AMX bf16 {'yes' if torch.cpu._is_amx_tile_supported() else 'no'}"
+
+
 @contextlib.contextmanager
 def cpu_float32():
     """`auto` as float32 on a CPU for the block: the RL stage's. Under bf16 autocast on this CPU the

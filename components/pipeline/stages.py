@@ -27,7 +27,7 @@ from components.data import validation
 from components.data.records import PreferencePair, Sample
 from components.files import content_hash, read_jsonl, write_json, write_jsonl
 from components.models import lm
-from components.models.training import NonFiniteError, no_logging
+from components.models.training import NonFiniteError, device_description, no_logging
 from components.pipeline import judging, tracking
 from components.pipeline.layout import PATHS, STAGE_BY_NAME, Artifact, StageResult, stage_params
 from components.tasks import chat
@@ -361,6 +361,7 @@ def run_stage(name: str, cfg: PipelineConfig, root: str | Path, parent_run_id: s
     threads.use_free_cores(checkpoint_folder)  # beside other jobs, fewer threads than cores
     _wait_for_every_process()
     with tracking.stage_run(name, params, inputs, root, parent_run_id) as run:
+        mlflow.set_tag("rlhf.device", device_description())  # what `mixed_precision: auto` became
         try:
             log = tracking.metric_logger("train", checkpoint_folder / tracking.METRICS_JOURNAL)
             outcome = _implementations()[name](cfg, root, log)
