@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from dataclasses import replace
 
 from benchmarks import busy, dpo, measure, reward, rollout, sft
@@ -38,6 +39,14 @@ HH_TRAINERS = {
 SCALING_LENGTHS = (128, 256, 512, 1024)
 SCALING_MODELS = ("tiny", "smollm2")
 SCALING_RINGS = [{"": (dpo.ours, dpo.peer_precomputed)}]  # like for like: both precompute the reference
+
+
+STARTED = time.monotonic()
+
+
+def starting(part: str) -> None:
+    """On stderr, with the time so far: what the 20-minute budget goes to (README.md, How it is sized)."""
+    print(f"{part} ... ({time.monotonic() - STARTED:.0f} s into the run)", file=sys.stderr, flush=True)
 
 
 def sides_of(lines: dict) -> dict:
@@ -68,7 +77,7 @@ def scaling(sizes: Sizes, lengths: tuple[int, ...], repeats: int) -> list[dict]:
     for model in SCALING_MODELS:
         for length in lengths:
             name = f"scaling_dpo_{model}_{length}"
-            print(f"{name} ...", file=sys.stderr, flush=True)
+            starting(name)
             throughput, memory = compare_trainers(
                 name, dpo.UNIT, SCALING_RINGS, replace(sizes, model=model, max_length=length), repeats
             )
@@ -103,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()
     print(f"tiny: {tiny}, {repeats} repeats; hh: {hh}, {hh_repeats} repeats; load average {load}", file=sys.stderr)
     for name in args.only:
-        print(f"{name} ...", file=sys.stderr, flush=True)
+        starting(name)
         if name == "rollout":
             rows = rollout.compare(name, tiny, repeats)
         elif name == "hh_rollout":
@@ -118,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             rows = compare_trainers(name, *HH_TRAINERS[name], hh, hh_repeats)
         for result in rows:
             print(json.dumps(result), flush=True)
+    print(f"make bench: {time.monotonic() - STARTED:.0f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":
