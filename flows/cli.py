@@ -209,7 +209,7 @@ def _train(args, cfg: PipelineConfig) -> int:
 
     from components.data.sources import DataError
     from components.pipeline import tracking
-    from components.models.training import NonFiniteError, no_logging
+    from components.models.training import NonFiniteError, device_description, no_logging
 
     import torch
 
@@ -232,7 +232,8 @@ def _train(args, cfg: PipelineConfig) -> int:
             trainer.run(cfg, args.model, args.data, Path(args.out), no_logging)
             return 0
         tracking.configure(args.root, cfg.experiment)
-        with mlflow.start_run(run_name=f"train-{args.kind}", tags={tracking.STAGE_TAG: f"train-{args.kind}"}):
+        tags = {tracking.STAGE_TAG: f"train-{args.kind}", tracking.DEVICE_TAG: device_description()}
+        with mlflow.start_run(run_name=f"train-{args.kind}", tags=tags):
             mlflow.log_params(tracking.flatten({args.kind: section.model_dump(), "model": args.model, "data": args.data}))
             log = tracking.metric_logger("train", Path(args.out) / "checkpoints" / tracking.METRICS_JOURNAL)
             metrics = trainer.run(cfg, args.model, args.data, Path(args.out), log)

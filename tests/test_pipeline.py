@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 
 from components.models.training import resolve_precision
 from components.pipeline.layout import PATHS, STAGES
+from components.pipeline.tracking import DEVICE_TAG
 
 EVAL_METRICS = {
     "eval/gold_win_rate_vs_sft", "eval/proxy_win_rate_vs_sft", "eval/kl_to_sft", "eval/gold_reward_mean",
@@ -80,7 +81,7 @@ def test_mlflow_has_parent_run_with_one_nested_run_per_stage(pipeline_run):
         assert run.data.tags["mlflow.parentRunId"] == outcome["parent_run_id"]
         assert run.info.status == "FINISHED"
         # the fact that decides `mixed_precision: auto` on a CPU: bf16 with AMX, float32 without
-        assert run.data.tags["rlhf.device"].endswith("AMX bf16 yes" if resolve_precision("auto") == "bf16" else "AMX bf16 no")
+        assert run.data.tags[DEVICE_TAG].endswith("AMX bf16 yes" if resolve_precision("auto") == "bf16" else "AMX bf16 no")
     ppo_run = _runs(root, **{"rlhf.stage": "rl"})[0]
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
     history = client.get_metric_history(ppo_run.info.run_id, "train/kl")

@@ -9,10 +9,13 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import torch
 from safetensors.torch import load_file
 
 from components.models import lm
+from components.models.training import device_description
+from components.pipeline.tracking import DEVICE_TAG
 from components.files import write_jsonl
 from components.world import generate_reviews
 
@@ -108,6 +111,9 @@ def test_train_reward_saves_a_scored_model_with_its_normalisation(tmp_path):
 
     model, tokenizer = reward_model.load_with_tokenizer(tmp_path / "rm")
     assert model.config.reward_std > 0 and model.config.pad_token_id == tokenizer.pad_token_id
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("rlhf-pipeline").experiment_id])
+    assert run.data.tags[DEVICE_TAG] == device_description() and run.data.metrics["train_pairs"] == 22
     scores = reward_model.score_texts(model, tokenizer, ["Heat: I watched"] * 2, [" a fine film.", " dull."])
     assert scores.shape == (2,) and torch.isfinite(scores).all()
 

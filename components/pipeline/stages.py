@@ -361,7 +361,7 @@ def run_stage(name: str, cfg: PipelineConfig, root: str | Path, parent_run_id: s
     threads.use_free_cores(checkpoint_folder)  # beside other jobs, fewer threads than cores
     _wait_for_every_process()
     with tracking.stage_run(name, params, inputs, root, parent_run_id) as run:
-        mlflow.set_tag("rlhf.device", device_description())  # what `mixed_precision: auto` became
+        mlflow.set_tag(tracking.DEVICE_TAG, device_description())
         try:
             log = tracking.metric_logger("train", checkpoint_folder / tracking.METRICS_JOURNAL)
             outcome = _implementations()[name](cfg, root, log)
