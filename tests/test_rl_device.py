@@ -7,6 +7,7 @@ CPU with AMX: only for the trainers before the RL stage)."""
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -46,6 +47,9 @@ def test_auto_means_bf16_where_the_device_has_bf16_matrix_units(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     assert resolve_precision("auto") == "no" and device_description().endswith("AMX bf16 no")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert device_description() == f"cpu AVX2, cores {os.cpu_count()}, threads 1, AMX bf16 no"
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
     assert resolve_precision("auto") == "bf16" and device_description().endswith("AMX bf16 yes")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -99,11 +99,16 @@ def resolve_precision(mixed_precision: str) -> str:
 
 
 def device_description() -> str:
-    """The hardware `auto` precision is decided on, for a run's record: the same configuration
-    trains in bf16 on a CPU with AMX or a bf16 GPU and in float32 elsewhere, and its numbers differ."""
+    """The hardware a run's numbers depend on, for its record. `auto` precision is bf16 on a CPU
+    with AMX or a bf16 GPU and float32 elsewhere; and in float32 a CPU's sums are split by the
+    kernels torch dispatches to (its CPU capability: AVX512, AVX2) and by the thread count: ten
+    training steps of the demo's model end on another loss in the 7th digit with AVX2 than with
+    AVX512, or on 1 thread than on 2, and a whole run turns that into another model."""
     if torch.cuda.is_available():
         return f"cuda {torch.cuda.get_device_name()}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'}"
-    return f"cpu, {os.cpu_count()} cores, AMX bf16 {'yes' if torch.cpu._is_amx_tile_supported() else 'no'}"
+    amx = "yes" if torch.cpu._is_amx_tile_supported() else "no"
+    return (f"cpu {torch.backends.cpu.get_cpu_capability()}, cores {os.cpu_count()}, "
+            f"threads {torch.get_num_threads()}, AMX bf16 {amx}")
 
 
 @contextlib.contextmanager
