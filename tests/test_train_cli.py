@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -113,7 +114,9 @@ def test_train_reward_saves_a_scored_model_with_its_normalisation(tmp_path):
     assert model.config.reward_std > 0 and model.config.pad_token_id == tokenizer.pad_token_id
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("rlhf-pipeline").experiment_id])
-    assert run.data.tags[DEVICE_TAG] == device_description() and run.data.metrics["train_pairs"] == 22
+    # the command ran on the one thread environment() asks for, whatever this process uses
+    assert run.data.tags[DEVICE_TAG] == re.sub(r"threads \d+", "threads 1", device_description())
+    assert run.data.metrics["train_pairs"] == 22
     scores = reward_model.score_texts(model, tokenizer, ["Heat: I watched"] * 2, [" a fine film.", " dull."])
     assert scores.shape == (2,) and torch.isfinite(scores).all()
 

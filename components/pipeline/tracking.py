@@ -20,7 +20,7 @@ from components.pipeline.layout import Artifact, code_version
 from components.data.preferences import report_metrics
 
 STAGE_TAG = "rlhf.stage"
-DEVICE_TAG = "rlhf.device"  # training.device_description(): what `mixed_precision: auto` is decided on
+DEVICE_TAG = "rlhf.device"  # training.device_description(): the hardware and threads a run's numbers depend on
 METRICS_JOURNAL = "metrics.jsonl"  # beside a run's checkpoints: the steps it logged (metric_logger)
 ROOT_TAG = "rlhf.root"  # the project folder of a pipeline, stage or compare run (see fail_stale_runs)
 # Read once, before anything here runs: mlflow.set_tracking_uri also writes this variable, so a
